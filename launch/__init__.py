@@ -1,0 +1,1 @@
+"""Launchers: sweeps (local, Slurm, TPU), TPU pods, GKE via xpk, Slurm. See launch/README.md."""
