@@ -76,6 +76,14 @@ def base_config() -> ml_collections.ConfigDict:
         data=-1, fsdp=1, tensor=1, expert=1,                 # in-slice (ICI) sizes; -1 fills the rest
         dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_expert=1,  # across slices (DCN)
         rules="dp",              # 'dp' | 'fsdp' | 'fsdp_tp' (see ditjax.parallel.rules)
+        custom_rules="",         # rules placed before the preset, e.g. "adaln=tensor,vocab=fsdp" (docs/scaling.md)
+    ))
+    c.mup = ml_collections.ConfigDict(dict(  # docs/mup.md
+        parametrization="sp",    # 'sp' (reference DiT) | 'mup' (init, lr/wd multipliers, readout by width)
+        base_hidden_size=config_dict.placeholder(int),  # mup: the width the multipliers are relative to
+        base_num_heads=config_dict.placeholder(int),
+        output_mult=1.0,         # mup: readout multiplier at the base width (output_mult/m at width m·base)
+        attn_scale="sqrt",       # mup: 'sqrt' (1/√d_h) | 'mup' (√d_base/d_h, only matters if d_h grows)
     ))
     return c
 
@@ -160,8 +168,22 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
              "'ddpm'/'ddim', flow objectives 'euler'/'heun'/'euler_maruyama'")
     _require(s.steps > 0, f"sample.steps={s.steps} must be positive")
     _require(s.cfg_channels >= 0, f"sample.cfg_channels={s.cfg_channels} must be ≥ 0 (0 means all)")
-    from ditjax.parallel.rules import RULE_PRESETS
-    _require(m.rules in RULE_PRESETS, f"mesh.rules={m.rules!r} not in {sorted(RULE_PRESETS)}")
+    from ditjax.parallel.rules import rules_from_config
+    try:
+        rules_from_config(m)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    mu = config.mup
+    _require(mu.parametrization in ("sp", "mup"), f"mup.parametrization={mu.parametrization!r} not in ('sp', 'mup')")
+    _require(mu.attn_scale in ("sqrt", "mup"), f"mup.attn_scale={mu.attn_scale!r} not in ('sqrt', 'mup')")
+    if mu.parametrization == "mup":
+        base_d, base_h = mu.base_hidden_size or 0, mu.base_num_heads or 0
+        _require(base_d > 0 and base_h > 0 and base_d % base_h == 0,
+                 f"mup.base_hidden_size={mu.base_hidden_size} / mup.base_num_heads={mu.base_num_heads} must be "
+                 "positive with the width divisible by the heads (the base model's shape)")
+        _require(mu.output_mult > 0, f"mup.output_mult={mu.output_mult} must be positive")
+        _require(config.model.readout_scale == 1.0 and (config.model.attn_scale is None or mu.attn_scale == "sqrt"),
+                 "mup sets model.readout_scale (and model.attn_scale with mup.attn_scale='mup'); leave them unset")
     if check_data:
         from ditjax.data.pipeline import dataset_info
         try:

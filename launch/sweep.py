@@ -20,8 +20,10 @@ import math
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +91,30 @@ def gpu_slots(gpus: str | None, parallel: int) -> list[dict[str, str]]:
     return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[i * k:(i + 1) * k])} for i in range(parallel)]
 
 
-def _run_point(point: SweepPoint, commands: Sequence[Sequence[str]], slots: queue.Queue) -> str | None:
+class _Children:
+    """The running points' processes; once stopped, none starts (a worker may be about to)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: list[subprocess.Popen] = []
+        self._stopped = False
+
+    def start(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen | None:
+        with self._lock:
+            if self._stopped:
+                return None
+            self._procs.append(subprocess.Popen(cmd, **kwargs))
+            return self._procs[-1]
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for proc in self._procs:
+                proc.terminate()  # a no-op for those already finished
+
+
+def _run_point(point: SweepPoint, commands: Sequence[Sequence[str]], slots: queue.Queue,
+               children: _Children) -> str | None:
     """Runs one point's commands in order; returns why it failed, or None."""
     env = slots.get()
     try:
@@ -98,11 +123,13 @@ def _run_point(point: SweepPoint, commands: Sequence[Sequence[str]], slots: queu
                 log.write(f"$ {shlex.join(cmd)}\n")
                 log.flush()
                 try:
-                    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **env}).returncode
+                    proc = children.start(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
                 except OSError as e:
                     log.write(f"{e}\n")
-                    rc = 127
+                    return "exit 127"
+                if proc is None:
+                    return "interrupted"
+                rc = proc.wait()
                 if rc:
                     return f"exit {rc}"
     finally:
@@ -110,25 +137,39 @@ def _run_point(point: SweepPoint, commands: Sequence[Sequence[str]], slots: queu
     return None if point.finished else f"exit 0 but no {METRICS}"
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_points(jobs: Sequence[tuple[SweepPoint, list[list[str]]]], parallel: int,
                gpus: str | None = None) -> list[tuple[SweepPoint, str]]:
-    """Runs points with up to ``parallel`` at once; one failure never stops the others."""
+    """Runs points with up to ``parallel`` at once; one failure never stops the others.
+
+    Ctrl-C or SIGTERM (`kill`, `timeout`, a scheduler) ends the running points too: left
+    behind, they would race a re-launch that starts the same points in the same workdirs.
+    """
     slots: queue.Queue = queue.Queue()
     for slot in gpu_slots(gpus, parallel):
         slots.put(slot)
+    children = _Children()
     failures = []
-    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-        futures = {pool.submit(_run_point, p, cmds, slots): p for p, cmds in jobs}
-        try:
-            for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                point, why = futures[future], future.result()
-                print(f"[{i}/{len(jobs)}] {'FAILED' if why else 'done'} {point.name}"
-                      + (f" ({why})" if why else ""), flush=True)
-                if why:
-                    failures.append((point, why))
-        except KeyboardInterrupt:  # the running points got the SIGINT too; start no new ones
-            pool.shutdown(cancel_futures=True)
-            raise
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+            futures = {pool.submit(_run_point, p, cmds, slots, children): p for p, cmds in jobs}
+            try:
+                for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                    point, why = futures[future], future.result()
+                    print(f"[{i}/{len(jobs)}] {'FAILED' if why else 'done'} {point.name}"
+                          + (f" ({why})" if why else ""), flush=True)
+                    if why:
+                        failures.append((point, why))
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                children.stop()
+                raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return failures
 
 
@@ -211,7 +252,12 @@ def launch(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Seq
         return 1
     for p, commands in jobs:
         write_record(p, args.config, args.backend, commands)
-    return _summary(run_points(jobs, args.parallel, args.gpus), todo, "finished")
+    try:
+        failures = run_points(jobs, args.parallel, args.gpus)
+    except KeyboardInterrupt:
+        print("interrupted: the running points were stopped; re-launch to resume", file=sys.stderr)
+        return 130
+    return _summary(failures, todo, "finished")
 
 
 def _summary(failures: Sequence[tuple[SweepPoint, str]], launched: Sequence[SweepPoint], ok: str) -> int:

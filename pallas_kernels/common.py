@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 LOG2E = math.log2(math.e)
-MAX_HEAD_DIM = 256
+# The GPU kernels keep two resident tiles plus a two-stage K/V (or Q/dO) pipeline in shared memory,
+# which fits the 227 KiB of an H100 only up to D=128.
+MAX_HEAD_DIM = {"tpu": 256, "gpu": 128}
 # Padded head-dim granularity: the TPU lane width; on GPU the 16-element bf16 swizzle atom
 # (72 -> 80 instead of 128: 1.6x less MMA work than padding to a power of two).
 HEAD_DIM_ALIGN = {"tpu": 128, "gpu": 16}
@@ -84,8 +86,8 @@ def _supports_shape_dtype(q_shape: tuple[int, ...], dtype, backend: str) -> tupl
     if len(q_shape) != 4:
         return False, f"expected a [B, L, H, D] shape, got {tuple(q_shape)}"
     head_dim = q_shape[-1]
-    if not 0 < head_dim <= MAX_HEAD_DIM:
-        return False, f"head dim {head_dim} outside (0, {MAX_HEAD_DIM}] for the {backend} kernel"
+    if not 0 < head_dim <= MAX_HEAD_DIM[backend]:
+        return False, f"head dim {head_dim} outside (0, {MAX_HEAD_DIM[backend]}] for the {backend} kernel"
     if q_shape[1] < 1 or q_shape[0] < 1 or q_shape[2] < 1:
         return False, f"empty shape {tuple(q_shape)}"
     allowed = DTYPES[backend]

@@ -30,23 +30,23 @@ def _pad(x: jax.Array, cfg: _Config) -> jax.Array:
 
 
 def _forward(q, k, v, cfg: _Config):
-    qp, kp, vp = (_pad(x, cfg) for x in (q, k, v))
-    out, lse = _KERNELS[cfg.backend].forward(qp, kp, vp, sm_scale=cfg.sm_scale, blocks=cfg.blocks,
-                                              interpret=cfg.interpret)
-    return (out[..., : q.shape[3]], lse), (qp, kp, vp, out, lse)
+    out, lse = _KERNELS[cfg.backend].forward(*(_pad(x, cfg) for x in (q, k, v)), sm_scale=cfg.sm_scale,
+                                              blocks=cfg.blocks, interpret=cfg.interpret)
+    out = out[..., : q.shape[3]]
+    # Residuals are the unpadded arrays: padding again in the backward is cheaper than holding
+    # padded copies of q, k, v from every layer's forward until its backward.
+    return (out, lse), (q, k, v, out, lse)
 
 
 def _backward(cfg: _Config, res, cotangents):
-    qp, kp, vp, out, lse = res
+    q, k, v, out, lse = res
     do, dlse = cotangents
-    head_dim = do.shape[3]
-    dop = _pad(do, cfg)
     # delta = rowsum(o * do); an LSE cotangent enters dS = P * (dP - delta + dlse), so fold it in here.
-    delta = jnp.sum(out.astype(jnp.float32) * dop.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
     delta = delta - dlse.astype(jnp.float32)
-    grads = _KERNELS[cfg.backend].backward(qp, kp, vp, lse, delta, dop, sm_scale=cfg.sm_scale,
-                                           blocks=cfg.blocks, interpret=cfg.interpret)
-    return tuple(g[..., :head_dim] for g in grads)
+    grads = _KERNELS[cfg.backend].backward(*(_pad(x, cfg) for x in (q, k, v)), lse, delta, _pad(do, cfg),
+                                           sm_scale=cfg.sm_scale, blocks=cfg.blocks, interpret=cfg.interpret)
+    return tuple(g[..., : q.shape[3]] for g in grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -32,29 +32,34 @@ def attention_ce_loss(q: jax.Array, k: jax.Array, teacher_probs: jax.Array, sm_s
                       lse: jax.Array | None = None, max_rows: int = 256) -> jax.Array:
     """mean over (b, h, i) of -sum_j T[b,h,i,j] log softmax_j(S[b,h,i,:]), in float32.
 
-    q, k: [B, L, H, D] of one student layer; teacher_probs: [B, H, L, L] rows summing to 1.
-    With `lse` (from flash_attention_with_lse on the same q, k) the row normaliser is reused and its
-    gradient flows back through the kernel; without it the loss is self-contained. Query rows are
-    processed `max_rows` at a time under jax.checkpoint, so forward and backward hold at most
-    [B, H, max_rows, L] logits instead of a whole layer's.
+    q, k: [B, L, H, D] of one student layer; teacher_probs: [B, H, L, L] (rows sum to 1 for HASTE,
+    though nothing here relies on it).
+
+    With `lse` (from flash_attention_with_lse on the same q, k) the loss is linear in S, so no L x L
+    logits are formed at all: sum_j T_ij (lse_i - S_ij) = lse_i rowsum(T_i) - scale q_i . (T K)_i,
+    and the gradient reaches the LSE through the kernel's VJP. Without it the loss is
+    self-contained: query rows are processed `max_rows` at a time under jax.checkpoint, so forward
+    and backward hold at most [B, H, max_rows, L] logits instead of a whole layer's.
     """
     b, length, h, _ = q.shape
     if teacher_probs.shape != (b, h, length, length):
         raise ValueError(f"teacher_probs must be {(b, h, length, length)}, got {teacher_probs.shape}")
     scale = _scale(q, sm_scale)
+    t = teacher_probs.astype(jnp.float32)
+    if lse is not None:
+        tk = jnp.einsum("bhqk,bkhd->bqhd", t, k.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+        dot = jnp.einsum("bqhd,bqhd->bhq", q.astype(jnp.float32), tk, precision=lax.Precision.HIGHEST)
+        return jnp.mean(lse.astype(jnp.float32) * t.sum(axis=-1) - scale * dot)
+
     rows = min(length, max_rows)
     n = -(-length // rows)
     # Zero-padded query rows have all-zero teacher rows, so they add exactly nothing.
     q_chunks = pad_axis(q, 1, n * rows).reshape(b, n, rows, h, -1).transpose(1, 0, 2, 3, 4)
-    t_chunks = pad_axis(teacher_probs, 2, n * rows).reshape(b, h, n, rows, length).transpose(2, 0, 1, 3, 4)
-    lse_chunks = None if lse is None else pad_axis(lse, 2, n * rows).reshape(b, h, n, rows).transpose(2, 0, 1, 3)
+    t_chunks = pad_axis(t, 2, n * rows).reshape(b, h, n, rows, length).transpose(2, 0, 1, 3, 4)
 
     @jax.checkpoint
     def chunk_loss(args) -> jax.Array:
-        q_c, t_c, lse_c = args
-        s = attention_logits(q_c, k, sm_scale=scale)
-        log_p = jax.nn.log_softmax(s, axis=-1) if lse_c is None else s - lse_c[..., None].astype(jnp.float32)
-        return -jnp.sum(t_c.astype(jnp.float32) * log_p)
+        q_c, t_c = args
+        return -jnp.sum(t_c * jax.nn.log_softmax(attention_logits(q_c, k, sm_scale=scale), axis=-1))
 
-    total = jnp.sum(lax.map(chunk_loss, (q_chunks, t_chunks, lse_chunks)))
-    return total / (b * h * length)
+    return jnp.sum(lax.map(chunk_loss, (q_chunks, t_chunks))) / (b * h * length)

@@ -15,14 +15,17 @@ import os
 import pickle
 import zipfile
 
+import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
 
+from ditjax.config import validate
 from ditjax.convert import files, pytorch_dit, torch_zip
 from ditjax.convert.__main__ import main
+from ditjax.convert.pytorch import import_config
 from ditjax.models import ARCHS, DiT, dit_config
 
 SPEC = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # §1.1
@@ -116,10 +119,12 @@ def test_layouts_follow_the_reference_semantics():
     w = sd["blocks.0.attn.qkv.weight"]
     kernel = params["blocks"][0]["attn"]["qkv"]["kernel"]  # [D, 3, H, Dh]
     np.testing.assert_array_equal(kernel[:, 1, 2, 5], w[d + 2 * dh + 5])  # K, head 2, dim 5
-    np.testing.assert_array_equal(params["blocks"][0]["attn"]["proj"]["kernel"][3, 7], sd["blocks.0.attn.proj.weight"][:, 3 * dh + 7])
+    proj = params["blocks"][0]["attn"]["proj"]["kernel"]  # [H, Dh, D]
+    np.testing.assert_array_equal(proj[3, 7], sd["blocks.0.attn.proj.weight"][:, 3 * dh + 7])
     conv = sd["x_embedder.proj.weight"]  # [D, C, p, p]; our rows are (pi, pj, c)
     np.testing.assert_array_equal(params["x_embedder"]["proj"]["kernel"][(1 * 4 + 2) * 4 + 3], conv[:, 3, 1, 2])
-    np.testing.assert_array_equal(params["final_layer"]["modulation"]["kernel"], sd["final_layer.adaLN_modulation.1.weight"].T)
+    modulation = params["final_layer"]["modulation"]["kernel"]
+    np.testing.assert_array_equal(modulation, sd["final_layer.adaLN_modulation.1.weight"].T)
     np.testing.assert_array_equal(params["y_embedder"]["embedding_table"], sd["y_embedder.embedding_table.weight"])
 
 
@@ -132,6 +137,27 @@ def test_sit_without_learned_sigma_and_config_inference():
     sd["final_layer.linear.weight"] = np.zeros((16 * 8, 768), np.float32)
     sd["final_layer.linear.bias"] = np.zeros((16 * 8,), np.float32)
     assert pytorch_dit.infer_config(sd).learn_sigma
+
+
+def test_cli_sizes_are_checked_against_shapes():
+    """Latent side = image/8 unless --pixel-space; SiT names alias DiT's; whatever is named must fit."""
+    pixel = dit_config("DiT-S/8", input_size=32, in_channels=3, num_classes=10)
+    sd = {k: np.zeros(s, np.float32) for k, s in pytorch_dit.torch_shapes(pixel).items()}  # lazily zeroed
+    assert import_config(sd, arch="SiT-S/8", image_size=32, pixel_space=True) == pixel
+    assert import_config(sd) == pixel
+    assert import_config(sd, scan_layers=True) == dataclasses.replace(pixel, scan_layers=True)
+    with pytest.raises(ValueError, match=r"wrong shape pos_embed: expected \[1, 1, 384\], got \[1, 16, 384\]"):
+        import_config(sd, arch="DiT-S/8", image_size=64)  # as latents: 64px → 8x8 → one token
+    with pytest.raises(ValueError, match="not divisible by the VAE downsampling factor 8"):
+        import_config(sd, image_size=100)
+    with pytest.raises(ValueError, match="unknown arch"):
+        import_config(sd, arch="SiT-M/2")
+
+
+def test_configs_the_key_map_cannot_express_are_refused():
+    cfg = dit_config("DiT-S/8", input_size=16, depth=1, readout_scale=0.5)
+    with pytest.raises(ValueError, match="readout_scale=0.5"):
+        pytorch_dit.torch_shapes(cfg)
 
 
 def test_pos_embed_must_be_the_sincos_table():
@@ -302,6 +328,7 @@ def test_non_zip_pt_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+@pytest.mark.slow
 def test_cli_round_trip_through_checkpoint_dir(tmp_path, capsys):
     """Full-size DiT-S/8 (12 blocks) at 64px: training dict .pt → scanned SiT checkpoint → .safetensors,
     and a bare .safetensors → unscanned DiT checkpoint → .pt; both bitwise."""
@@ -314,8 +341,10 @@ def test_cli_round_trip_through_checkpoint_dir(tmp_path, capsys):
                  "--in", str(tmp_path / "sit.pt"), "--out", str(tmp_path / "ck_sit"), "--scan-layers"]) == 0
     assert "'ema' weights" in capsys.readouterr().out
     config = json.loads((tmp_path / "ck_sit" / "config.json").read_text())
+    validate(ml_collections.ConfigDict(config), num_devices=1, check_data=False)  # a complete run config
     assert config["objective"]["name"] == "flow" and config["objective"]["convention"] == "sit"
-    assert config["model"]["scan_layers"] and config["model"]["arch"] == "DiT-S/8"
+    assert config["sample"]["sampler"] == "euler_maruyama" and config["model"]["scan_layers"]
+    assert config["model"]["hidden_size"] == 384 and config["model"]["num_classes"] == 10
     assert main(["--to", "pytorch-sit", "--in", str(tmp_path / "ck_sit"),
                  "--out", str(tmp_path / "back.safetensors")]) == 0
     got = safetensors.numpy.load_file(tmp_path / "back.safetensors")
@@ -325,7 +354,8 @@ def test_cli_round_trip_through_checkpoint_dir(tmp_path, capsys):
     assert main(["--from", "pytorch-dit", "--in", str(tmp_path / "dit.safetensors"),
                  "--out", str(tmp_path / "ck_dit")]) == 0  # arch, size and classes inferred from shapes
     config = json.loads((tmp_path / "ck_dit" / "config.json").read_text())
-    assert config["objective"]["name"] == "ddpm" and config["model"]["input_size"] == 8
+    assert config["objective"]["name"] == "ddpm" and config["sample"]["sampler"] == "ddpm"
+    assert config["model"]["input_size"] == 8 and not config["model"]["scan_layers"]
     assert main(["--to", "pytorch-dit", "--in", str(tmp_path / "ck_dit"), "--out", str(tmp_path / "back.pt")]) == 0
     back, _ = files.read_state_dict(tmp_path / "back.pt")
     assert_bitwise(back, model)

@@ -74,6 +74,8 @@ def test_space_timesteps_reference_rule():
         space_timesteps(1000, "ddim3000")
     with pytest.raises(ValueError):
         space_timesteps(10, [20])
+    with pytest.raises(ValueError):  # step 0's clipped log-variance needs a step 1
+        GaussianDiffusion().respaced(1).tables
 
 
 def test_respaced_betas_and_model_time():

@@ -187,7 +187,7 @@ def test_fresh_model_has_reference_init(scan):
     cfg = dit_config("DiT-S/2", input_size=8, depth=2, scan_layers=scan)
     model = DiT(cfg, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 4)), jnp.float32)
-    out = model(x, jnp.array([10.0, 500.0]), jnp.array([1, 1000])).output
+    out = forward(model, x, jnp.array([10.0, 500.0]), jnp.array([1, 1000]))
     assert out.shape == (2, 8, 8, 8) and not np.asarray(out).any()
 
     sd = pytorch_dit.to_torch(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg)

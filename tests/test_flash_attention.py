@@ -97,17 +97,32 @@ def test_deterministic(case_index):
         np.testing.assert_array_equal(first, np.asarray(second, np.float64))
 
 
-def test_interpret_mode_exposes_unwritten_blocks():
-    """The premise of the NaN checks above: a block the kernel never writes stays NaN."""
-    def lazy_copy(x_ref, o_ref):
+def test_interpret_modes_expose_unwritten_blocks():
+    """The premise of the NaN checks above: a block a kernel never writes stays NaN, in both interpreters."""
+    x = jnp.ones((128, 128), jnp.float32)
+
+    def tpu_style(x_ref, o_ref):
         @pl.when(pl.program_id(0) == 0)
         def _():
             o_ref[...] = x_ref[...]
 
-    x = jnp.ones((16, 128), jnp.float32)
-    out = pl.pallas_call(lazy_copy, grid=(2,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
-                         out_specs=pl.BlockSpec((8, 128), lambda i: (i, 0)), out_shape=x, interpret=True)(x)
-    assert np.isnan(np.asarray(out[8:])).all() and not np.isnan(np.asarray(out[:8])).any()
+    spec = pl.BlockSpec((64, 128), lambda i: (i, 0))
+    tpu_out = pl.pallas_call(tpu_style, grid=(2,), in_specs=[spec], out_specs=spec, out_shape=x, interpret=True)(x)
+
+    def gpu_style(x_ref, o_ref, smem, barrier):
+        @pl.when(jax.lax.axis_index("i") == 0)
+        def _():
+            plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, 64)], smem, barrier.at[0])
+            plgpu.barrier_wait(barrier.at[0])
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(smem, o_ref.at[pl.ds(0, 64)])
+            plgpu.wait_smem_to_gmem(0)
+
+    gpu_out = plgpu.kernel(gpu_style, out_type=x, grid=(2,), grid_names=("i",),
+                           scratch_types=[plgpu.SMEM((64, 128), jnp.float32), plgpu.Barrier(num_barriers=1)],
+                           interpret=plgpu.InterpretGPUParams())(x)
+    for out in (np.asarray(tpu_out), np.asarray(gpu_out)):
+        assert np.isnan(out[64:]).all() and not np.isnan(out[:64]).any()
 
 
 def test_tpu_kernel_under_tpu_simulator():
@@ -121,7 +136,7 @@ def test_tpu_kernel_under_tpu_simulator():
 @pytest.mark.parametrize("backend,platform,head_dims,dtype", [
     ("tpu", "tpu", (64, 72, 88, 128), jnp.float32),
     ("tpu", "tpu", (64, 72, 88, 128), jnp.bfloat16),
-    ("gpu", "cuda", (72,), jnp.bfloat16),
+    ("gpu", "cuda", (72, 88, 128), jnp.bfloat16),  # swizzles of 32, 64 and 128 bytes
 ])
 def test_lowers_for_real_platform(backend, platform, head_dims, dtype):
     """Lowering runs the Mosaic front ends (block/tiling rules, wgmma layouts and swizzles) on CPU."""
@@ -138,7 +153,7 @@ def test_lowers_for_real_platform(backend, platform, head_dims, dtype):
 
 @pytest.mark.parametrize("backend,shape,dtype,message", [
     ("tpu", (1, 64, 2, 300), jnp.float32, "head dim"),
-    ("gpu", (1, 64, 2, 300), jnp.bfloat16, "head dim"),
+    ("gpu", (1, 64, 2, 200), jnp.bfloat16, "head dim"),
     ("tpu", (1, 64, 2, 64), jnp.float16, "dtype float16"),
     ("gpu", (1, 64, 2, 64), jnp.float32, "dtype float32"),
 ])
@@ -190,21 +205,32 @@ def _teacher(shape) -> jax.Array:
 
 
 def test_attention_ce_loss_matches_reference_and_autodiff():
-    shape = CASES[3][1]
-    q, k = _inputs(shape, "float32")[:2]
+    case = 3
+    backend, shape, dtype, blocks, interpret = CASES[case]
+    q, k, v = _inputs(shape, dtype)[:3]
     t = _teacher(shape)
     want = reference.attention_ce(q, k, t, shape[3] ** -0.5)
-    loss = jax.jit(functools.partial(pk.attention_ce_loss, max_rows=16))(q, k, t)  # 3 chunks, last one padded
-    assert abs(float(loss) - want) <= 1e-5 * abs(want)
-    lse = jnp.asarray(_results(3)[1], jnp.float32)  # reusing the kernel's LSE gives the same loss
-    assert abs(float(pk.attention_ce_loss(q, k, t, lse=lse)) - want) <= 1e-5 * abs(want)
 
     def direct(q, k):
         return -jnp.mean(jnp.sum(t * jax.nn.log_softmax(pk.attention_logits(q, k), axis=-1), axis=-1))
 
-    chunked = jax.jit(jax.grad(lambda q, k: pk.attention_ce_loss(q, k, t, max_rows=16), argnums=(0, 1)))(q, k)
-    for got, want_grad in zip(chunked, jax.jit(jax.grad(direct, argnums=(0, 1)))(q, k)):
-        np.testing.assert_allclose(got, want_grad, rtol=1e-5, atol=1e-6)
+    want_grads = jax.jit(jax.grad(direct, argnums=(0, 1)))(q, k)
+    chunked = jax.jit(jax.value_and_grad(lambda q, k: pk.attention_ce_loss(q, k, t, max_rows=16), argnums=(0, 1)))
+    loss, grads = chunked(q, k)  # 3 chunks of 16 rows, the last one padded
+    assert abs(float(loss) - want) <= 1e-5 * abs(want)
+    for got, w in zip(grads, want_grads):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+
+    # With the kernel's LSE: same loss; the gradient is the direct part plus the LSE cotangent
+    # pushed back through the kernel's own VJP (the same compiled function as the main suite).
+    lse = jnp.asarray(_results(case)[1], jnp.float32)
+    loss, (gq, gk, glse) = jax.value_and_grad(lambda q, k, lse: pk.attention_ce_loss(q, k, t, lse=lse),
+                                              argnums=(0, 1, 2))(q, k, lse)
+    assert abs(float(loss) - want) <= 1e-5 * abs(want)
+    _, _, dq, dk, dv = _kernel_fn(backend, blocks, interpret)(q, k, v, jnp.zeros_like(q), glse)
+    np.testing.assert_allclose(gq + dq, want_grads[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gk + dk, want_grads[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dv, 0.0, atol=1e-6)  # the loss does not depend on v
 
 
 def test_autotune_on_cpu_returns_defaults_and_lookup_reads_cache(tmp_path):

@@ -121,3 +121,33 @@ def test_guided_flow_sampling_reaches_extrapolated_gaussian():
     # Guided only for t <= 0.5 (the data half): lands between the two, still per-sample affine.
     half = sample("euler", model, flow, noise, labels, steps=8, guidance=GuidanceConfig(3.0, interval=(0.0, 0.5), null_label=1))
     assert np.all(np.abs(np.asarray(half - plain)) > 1e-3) and np.all(np.abs(np.asarray(half - x)) > 1e-3)
+
+
+def test_heun_guidance_interval_replays_repa_loop():
+    """REPA's euler_sampler(heun=True): guidance on iff low <= t_cur <= high, and the corrector
+    reuses t_cur's decision. With steps=4 and high=0.6, step t_cur=0.75 has its corrector at 0.5
+    (inside the interval) but must stay unguided. Replayed in float64 NumPy."""
+    mu_of_label = jnp.array([0.5, -0.2])
+    model = _gaussian_velocity(mu_of_label)
+    noise = jax.random.normal(jax.random.key(3), (8, H, H, C))
+    labels = jnp.zeros((8,), jnp.int32)
+    cfg = GuidanceConfig(scale=2.5, interval=(0.0, 0.6), null_label=1)
+    got = sample("heun", model, FlowMatching("repa"), noise, labels, steps=4, guidance=cfg)
+
+    def d(x, t, guided):
+        ones = jnp.full((8,), t, jnp.float32)
+        c = np.asarray(model(jnp.asarray(x, jnp.float32), ones, labels), np.float64)
+        u = np.asarray(model(jnp.asarray(x, jnp.float32), ones, jnp.ones_like(labels)), np.float64)
+        return u + 2.5 * (c - u) if guided else c
+
+    ts = np.linspace(1.0, 0.0, 5)
+    x = np.asarray(noise, np.float64)
+    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        guided = 0.0 <= t_cur <= 0.6
+        d_cur = d(x, t_cur, guided)
+        x_next = x + (t_next - t_cur) * d_cur
+        if i < 3:
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d(x_next, t_next, guided))
+        x = x_next
+    # float32 model evaluations vs a float64 state over 7 NFE: ~1e-6.
+    np.testing.assert_allclose(got, x, atol=2e-5)

@@ -7,12 +7,16 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from launch import common, gke_xpk, slurm, sweep, tpu_pod
+
+REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = """\
 import ml_collections
@@ -29,6 +33,8 @@ def get_sweep(arg=None):
     if arg == "fail":
         return hyper.zipit(hyper.sweep("fake.fail", [False, True, False]),  # the 2nd point fails
                            hyper.sweep("model.hidden_size", [64, 128, 256]))
+    if arg == "hang":
+        return hyper.product(hyper.sweep("model.hidden_size", [64, 128, 256]), hyper.fixed("fake.sleep", 60.0))
     if arg == "slow":
         return hyper.product(hyper.sweep("model.hidden_size", [64, 128, 256, 512]), hyper.fixed("fake.sleep", 0.5))
     return hyper.product(hyper.sweep("model.hidden_size", [64, 128]), hyper.sweep("optim.lr", [2**-10, 2**-9]))
@@ -40,6 +46,8 @@ import json, os, sys, time
 args = sys.argv[1:]
 workdir = args[args.index("--workdir") + 1]
 over = dict(a[len("--config."):].split("=", 1) for a in args if a.startswith("--config."))
+with open(os.path.join(workdir, "pid"), "w") as f:
+    f.write(str(os.getpid()))
 start = time.time()
 time.sleep(float(over.get("fake.sleep", 0)))
 if over.get("fake.fail") == "true":
@@ -110,6 +118,23 @@ def test_parallel_runs_overlap_and_gpus_are_never_shared(env):
     overlapping = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:] if b["start"] < a["end"]]
     assert overlapping  # two ran at once ...
     assert all(a["cuda"] != b["cuda"] for a, b in overlapping)  # ... on different GPUs
+
+
+def test_sigterm_to_the_launcher_ends_its_running_points(env):
+    launcher = subprocess.Popen(
+        [sys.executable, "launch/sweep.py", "--config", f"{env / 'cfg.py'}:hang", "--sweep-dir", str(env / "sw"),
+         "--parallel", "2", "--train-cmd", f"{sys.executable} {env / 'fake_train.py'}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while len(pid_files := list((env / "sw").glob("*/pid"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.2)  # let both fakes finish writing their pid
+    launcher.terminate()
+    assert launcher.wait(timeout=30) == 130 and "interrupted" in launcher.stdout.read()
+    assert len(list((env / "sw").glob("*/pid"))) == 2  # the third point never started
+    for pid in (int(p.read_text()) for p in pid_files):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_local_dry_run_prints_and_writes_nothing(env, capsys):

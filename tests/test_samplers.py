@@ -23,7 +23,7 @@ from ditjax.diffusion.samplers import (
 )
 
 MU = np.array([0.3, -0.5, 0.0, 1.0])
-SIG = np.array([0.5, 0.8, 0.3, 0.6])
+SIG = np.array([0.5, 0.8, 0.1, 0.6])  # the narrow channel exposes small variance errors (SE 1.1e-4)
 B, H, C = 4096, 2, 4
 N_PER_CHANNEL = B * H * H
 NOISE = jax.random.normal(jax.random.key(0), (B, H, H, C))
@@ -155,14 +155,14 @@ def test_ddim_eta1_equals_ancestral_with_posterior_variance():
 # ---------------------------------------------------------------- flow ODE / SDE
 
 
-@pytest.mark.parametrize("name,order,coarse", [("euler", 1, 20), ("heun", 2, 10)])
+@pytest.mark.parametrize("name,order,coarse", [("euler", 1, 20), ("heun", 2, 20)])
 def test_flow_ode_converges_to_transport_map(name, order, coarse):
     flow = FlowMatching("repa")
     model = exact_velocity("repa")
     exact = transport_map(NOISE)
     err = [np.abs(np.asarray(sample(name, model, flow, NOISE, LABELS, steps=n)) - exact).max() for n in (coarse, 2 * coarse)]
     # Doubling the steps divides the worst-case global error by 2^order: observed Euler
-    # 0.203 -> 0.103 (20 -> 40 steps), Heun 0.061 -> 0.0144 (10 -> 20 steps).
+    # 0.203 -> 0.103, Heun 0.040 -> 0.0102 (20 -> 40 steps).
     assert 0.8 * 2**order < err[0] / err[1] < 1.25 * 2**order, err
     assert err[1] < (0.15 if order == 1 else 0.02)
     if name == "heun":  # SiT time runs the other way with the negated velocity: the same process.

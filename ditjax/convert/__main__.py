@@ -1,7 +1,7 @@
-"""python -m ditjax.convert: PyTorch DiT/SiT weights ↔ ditjax checkpoint directories.
+r"""python -m ditjax.convert: PyTorch DiT/SiT weights ↔ ditjax checkpoint directories.
 
-  python -m ditjax.convert --from pytorch-dit --arch DiT-XL/2 --image-size 256 \
-      --in DiT-XL-2-256x256.pt --out runs/dit-xl2-256
+  python -m ditjax.convert --from pytorch-dit --arch DiT-XL/2 --image-size 256 --in DiT-XL-2-256x256.pt \
+      --out runs/dit-xl2-256
   python -m ditjax.convert --to pytorch-sit --in runs/sit-xl2 --out SiT-XL-2.safetensors
 
 On import, --arch/--image-size/--num-classes/--channels are checked against the tensor shapes and
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ditjax.convert.pytorch import OBJECTIVES, export_pytorch, import_pytorch
+from ditjax.convert.pytorch import RECIPES, export_pytorch, import_pytorch
 from ditjax.convert.pytorch_dit import describe
 
 
@@ -20,9 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ditjax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     direction = parser.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from", dest="source_format", choices=list(OBJECTIVES),
+    direction.add_argument("--from", dest="source_format", choices=list(RECIPES),
                            help="import a PyTorch state dict (.pt or .safetensors) into a checkpoint directory")
-    direction.add_argument("--to", dest="target_format", choices=list(OBJECTIVES),
+    direction.add_argument("--to", dest="target_format", choices=list(RECIPES),
                            help="export a checkpoint directory to a PyTorch state dict (.pt or .safetensors)")
     parser.add_argument("--in", dest="source", required=True, help="input file (import) or directory (export)")
     parser.add_argument("--out", required=True, help="output directory (import) or file (export)")

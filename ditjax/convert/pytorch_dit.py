@@ -58,6 +58,7 @@ def _block_leaves(cfg: DiTConfig, prefix: str, path: tuple) -> list[Leaf]:
 
 def leaves(cfg: DiTConfig) -> list[Leaf]:
     """Every parameter tensor of an unscanned model, in torch ``state_dict()`` order (pos_embed excluded)."""
+    _check_supported(cfg)
     d, p, c = cfg.hidden_size, cfg.patch_size, cfg.in_channels
     out = [Leaf("x_embedder.proj.weight", ("x_embedder", "proj", "kernel"), "conv", (d, c, p, p), (p * p * c, d)),
            Leaf("x_embedder.proj.bias", ("x_embedder", "proj", "bias"), "vector", (d,), (d,)),
@@ -70,6 +71,17 @@ def leaves(cfg: DiTConfig) -> list[Leaf]:
     out += [*_linear("final_layer.linear", ("final_layer", "linear"), (d,), (p * p * cfg.out_channels,)),
             *_linear("final_layer.adaLN_modulation.1", ("final_layer", "modulation"), (d,), (2 * d,))]
     return out
+
+
+def _check_supported(cfg: DiTConfig) -> None:
+    """Configs whose weights mean something else than a torch DiT's with the same shapes."""
+    problems = [f"mlp_type={cfg.mlp_type!r} (only 'dense')"] if cfg.mlp_type != "dense" else []
+    if cfg.readout_scale != 1.0:
+        problems.append(f"readout_scale={cfg.readout_scale} (fold it into final_layer.linear first)")
+    if cfg.attn_scale is not None and not math.isclose(cfg.attn_scale, (cfg.hidden_size // cfg.num_heads) ** -0.5):
+        problems.append(f"attn_scale={cfg.attn_scale} (torch DiT uses head_dim**-0.5)")
+    if problems:
+        raise ValueError(f"the PyTorch DiT/SiT key map does not cover {', '.join(problems)}")
 
 
 def torch_shapes(cfg: DiTConfig) -> dict[str, Shape]:
@@ -112,7 +124,7 @@ def check_state_dict(state_dict: Mapping[str, Any], cfg: DiTConfig) -> None:
     lines = _shape_errors(state_dict, torch_shapes(cfg), f"state dict for {describe(cfg)}")
     if lines:
         try:
-            lines.append(f"  (its shapes look like {describe(infer_config(state_dict))})")
+            lines.insert(1, f"  (its shapes look like {describe(infer_config(state_dict))})")
         except ValueError:
             pass
         raise ValueError("\n".join(lines))
@@ -134,10 +146,16 @@ def from_torch(state_dict: Mapping[str, Any], cfg: DiTConfig) -> dict:
     check_state_dict(state_dict, cfg)
     check_pos_embed(state_dict[POS_EMBED_KEY], cfg)
     dtype = np.dtype(DTYPES[cfg.param_dtype])
-    flat = {leaf.path: np.asarray(_to_ours(np.asarray(state_dict[leaf.torch_key]), leaf), dtype)
-            for leaf in leaves(cfg)}
-    if cfg.scan_layers:
-        flat = _stack_blocks(flat, cfg.depth)
+    flat: dict[tuple, np.ndarray] = {}
+    for leaf in leaves(cfg):
+        value = _to_ours(np.asarray(state_dict[leaf.torch_key]), leaf)
+        if cfg.scan_layers and leaf.path[0] == "blocks":  # fill the stacked array in place: no per-layer copies
+            path, layer = ("blocks",) + leaf.path[2:], leaf.path[1]
+            if layer == 0:
+                flat[path] = np.empty((cfg.depth,) + leaf.shape, dtype)
+            flat[path][layer] = value
+        else:
+            flat[leaf.path] = np.asarray(value, dtype)
     return _unflatten(flat)
 
 
@@ -147,7 +165,8 @@ def to_torch(params: Mapping, cfg: DiTConfig) -> dict[str, np.ndarray]:
     pos_embed is written too, because torch's ``load_state_dict`` is strict about it.
     """
     flat = {tuple(_int(k) for k in path): v for path, v in _flatten(params).items()}
-    lines = _shape_errors({_path_str(k): v for k, v in flat.items()}, param_shapes(cfg), f"params for {describe(cfg)}")
+    lines = _shape_errors({_path_str(k): v for k, v in flat.items()}, param_shapes(cfg),
+                          f"params for {describe(cfg)}")
     if lines:
         raise ValueError("\n".join(lines))
     flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
@@ -178,15 +197,8 @@ def _to_torch(w: np.ndarray, leaf: Leaf) -> np.ndarray:
     return w.reshape(leaf.torch_shape)
 
 
-def _stack_blocks(flat: dict[tuple, np.ndarray], depth: int) -> dict[tuple, np.ndarray]:
-    """Unscanned block leaves ("blocks", i, ...) → one leaf per kind with a leading layers axis."""
-    out = {k: v for k, v in flat.items() if k[0] != "blocks"}
-    for key in [k for k in flat if k[0] == "blocks" and k[1] == 0]:
-        out[("blocks",) + key[2:]] = np.stack([flat[("blocks", i) + key[2:]] for i in range(depth)])
-    return out
-
-
 def _unstack_blocks(flat: dict[tuple, np.ndarray], depth: int) -> dict[tuple, np.ndarray]:
+    """Stacked block leaves ("blocks", ...) → per-layer views ("blocks", i, ...)."""
     out = {k: v for k, v in flat.items() if k[0] != "blocks"}
     for key, value in flat.items():
         if key[0] == "blocks":
@@ -220,6 +232,7 @@ def _int(key: Any) -> Any:
 
 
 def describe(cfg: DiTConfig) -> str:
+    """One line naming the arch and the sizes that change the key shapes (for messages)."""
     arch = arch_name(cfg) or f"depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} p={cfg.patch_size}"
     return (f"{arch} (input_size={cfg.input_size}, in_channels={cfg.in_channels}, "
             f"num_classes={cfg.num_classes}, learn_sigma={cfg.learn_sigma})")

@@ -47,7 +47,11 @@ class _Namespace:
 
 
 def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: Any) -> np.ndarray:
-    """``torch._utils._rebuild_tensor_v2``: a strided view of a flat storage, copied out."""
+    """``torch._utils._rebuild_tensor_v2``: a strided view of a flat storage.
+
+    Contiguous tensors (all of a state dict's) stay read-only views of the storage bytes, so a
+    multi-GB checkpoint is held in memory once; strided ones are copied out.
+    """
     if offset < 0 or any(s < 0 for s in stride) or len(size) != len(stride):
         raise ValueError(f"invalid tensor layout: offset {offset}, size {size}, stride {stride}")
     if not size:
@@ -56,6 +60,9 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple
     if min(size) > 0 and needed > storage.size:
         raise ValueError(f"tensor of size {size} stride {stride} at offset {offset} overruns its storage "
                          f"of {storage.size} elements")
+    contiguous = tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
+    if all(s == c for n, s, c in zip(size, stride, contiguous) if n > 1):
+        return storage[offset: offset + int(np.prod(size))].reshape(size)
     base = storage[offset:]
     view = np.lib.stride_tricks.as_strided(base, shape=size, strides=[s * base.itemsize for s in stride])
     return np.array(view)
@@ -114,8 +121,8 @@ def load(path: str | Path) -> Any:
                 if len(raw) < numel * dtype.itemsize:
                     raise ValueError(f"{path}: storage {key} holds {len(raw)} bytes, "
                                      f"need {numel * dtype.itemsize}")
-                array = np.frombuffer(raw, dtype.newbyteorder(">") if big_endian else dtype, count=numel)
-                storages[key] = array.astype(dtype)
+                array = np.frombuffer(raw, dtype, count=numel)
+                storages[key] = array.byteswap() if big_endian else array
             return storages[key]
 
         return _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), load_storage).load()
@@ -191,15 +198,15 @@ def save(tensors: Mapping[str, np.ndarray], path: str | Path) -> None:
     archive = path.stem or "archive"
     writer = _PickleWriter()
     pickled = writer.state_dict(tensors)
-    records = [("data.pkl", pickled), ("byteorder", b"little")]
-    records += [(f"data/{i}", array.tobytes()) for i, array in enumerate(writer.storages)]
-    records.append(("version", b"3\n"))
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        for name, data in records:
-            _write_aligned(zf, f"{archive}/{name}", data)
+        _write_aligned(zf, f"{archive}/data.pkl", pickled)
+        _write_aligned(zf, f"{archive}/byteorder", b"little")
+        for i, array in enumerate(writer.storages):  # one storage's bytes in flight at a time
+            _write_aligned(zf, f"{archive}/data/{i}", array.reshape(-1).view(np.uint8))
+        _write_aligned(zf, f"{archive}/version", b"3\n")
 
 
-def _write_aligned(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+def _write_aligned(zf: zipfile.ZipFile, name: str, data: bytes | np.ndarray) -> None:
     """Pad the local header's extra field so the record's data starts on a 64-byte boundary."""
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     header_end = zf.fp.tell() + 30 + len(name.encode()) + 4  # 30-byte local header + 4-byte extra header

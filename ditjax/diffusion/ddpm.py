@@ -13,6 +13,7 @@ where the variance is `exp(frac*log(beta) + (1-frac)*log(posterior_var_clipped))
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -138,9 +139,7 @@ class GaussianDiffusion:
 
     def respaced(self, section_counts: int | str) -> GaussianDiffusion:
         """The same base process restricted to `space_timesteps(num_timesteps, str(section_counts))`."""
-        return GaussianDiffusion(
-            self.num_timesteps, self.schedule, self.learn_sigma, self.sigma_small, str(section_counts)
-        )
+        return dataclasses.replace(self, respacing=str(section_counts))
 
     @cached_property
     def timestep_map(self) -> np.ndarray:
@@ -154,17 +153,16 @@ class GaussianDiffusion:
         """float64 per-step constants; respaced betas come from alpha_bar ratios as in DiT."""
         base_ac = np.cumprod(1.0 - BETA_SCHEDULES[self.schedule](self.num_timesteps))
         kept_ac = base_ac[self.timestep_map]
+        if len(kept_ac) < 2:
+            raise ValueError("a diffusion needs at least 2 steps (step 0's variance borrows step 1's)")
         betas = 1.0 - kept_ac / np.append(1.0, kept_ac[:-1])
         ac = np.cumprod(1.0 - betas)
         ac_prev = np.append(1.0, ac[:-1])
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-        # Posterior variance is 0 at step 0; DiT replaces its log by step 1's value.
-        post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.array([])
-        if self.sigma_small:
-            fixed_var, fixed_logvar = post_var, post_logvar
-        else:
-            fixed_var = np.append(post_var[1], betas[1:])
-            fixed_logvar = np.log(fixed_var)
+        # Posterior variance is 0 at step 0; DiT replaces its log by step 1's value (also in the
+        # "fixed large" variance, whose step 0 would otherwise be beta_0).
+        post_logvar = np.log(np.append(post_var[1], post_var[1:]))
+        fixed_logvar = post_logvar if self.sigma_small else np.log(np.append(post_var[1], betas[1:]))
         return {
             "betas": betas,
             "log_betas": np.log(betas),
@@ -178,7 +176,6 @@ class GaussianDiffusion:
             "posterior_log_variance_clipped": post_logvar,
             "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
             "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
-            "fixed_variance": fixed_var,
             "fixed_log_variance": fixed_logvar,
         }
 

@@ -29,12 +29,17 @@ ModelFn = Callable[[Array, Array, Array], Array]
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """scale: guidance weight (1 = off). null_label: the class id the model treats as "no label"."""
+    """scale: guidance weight (1 = off). channels: None (all data channels) or 3 (DiT legacy).
+    interval: (low, high) in objective time, or None for always. null_label: the "no class" id."""
 
     scale: float = 1.0
     channels: int | None = None
     interval: tuple[float, float] | None = None
     null_label: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.interval is not None:  # a tuple keeps the config hashable (a static jit argument)
+            object.__setattr__(self, "interval", tuple(float(v) for v in self.interval))
 
     @property
     def enabled(self) -> bool:

@@ -11,9 +11,10 @@ Entry point:
     "euler"    FlowMatching       no          REPA euler_sampler: t grid of steps+1 points, noise->data
     "heun"     FlowMatching       no          same + Heun correction on all but the last step (2*steps-1 NFE)
     "euler_maruyama" FlowMatching yes (key)   REPA/SiT SDE: noise level 1 -> 0.04 in `steps` points,
-                                              steps-1 EM steps with diffusion w = noise level (SiT
-                                              'sigma' form, = REPA's 2t/2), then one drift-only
-                                              "mean" step to the data end (steps NFE)
+                                              steps-1 EM steps (SiT 'sigma' form w = 1-t with noise
+                                              sqrt(2w dt) == REPA's w = 2t with noise sqrt(w|dt|)),
+                                              then one drift-only "mean" step to the data end
+                                              (steps NFE)
 
 `noise` is the initial state (NHWC, the pure-noise end), passed in so a saved noise file
 reproduces a run; `labels` int32 [B]. `steps` may also be a respacing string ("ddim50") for the

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ditjax.models.layers import Dense, xavier_uniform
-from ditjax.parallel.logical import constrain
+from ditjax.parallel.logical import constrain, shard_over_mesh
 
 BACKENDS = ("xla", "cudnn", "pallas")
 log = logging.getLogger(__name__)
@@ -47,11 +47,21 @@ def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> 
 def _pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array | None:
     import pallas_kernels  # imported lazily: the kernels are optional for the xla path
 
-    ok, reason = pallas_kernels.supports(q.shape, q.dtype, jax.default_backend())
+    platform = jax.default_backend()
+    # On CPU the TPU kernel runs in Pallas's interpreter: slow, but the same model runs (and is tested) here.
+    ok, reason = pallas_kernels.supports(q.shape, q.dtype, "tpu" if platform == "cpu" else platform)
     if not ok:
         _warn_fallback("pallas", reason)
         return None
-    return pallas_kernels.flash_attention(q, k, v, sm_scale=scale)
+    if platform == "cpu":
+        _note_once("attention backend 'pallas' on CPU runs the TPU kernel in interpret mode (slow; for testing)")
+    kernel = functools.partial(pallas_kernels.flash_attention, sm_scale=scale)
+    return shard_over_mesh(kernel, ("batch", "tokens", "heads", "head_dim"))(q, k, v)
+
+
+@functools.cache
+def _note_once(message: str) -> None:
+    log.info(message)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, backend: str) -> jax.Array:

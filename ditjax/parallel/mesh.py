@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ditjax.parallel.logical import logical_to_spec
-from ditjax.parallel.rules import RULE_PRESETS
-
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+from ditjax.parallel.rules import MESH_AXES, Rule, rules_from_config
 
 
-def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+def mesh_shape(cfg: Mapping, num_devices: int) -> dict[str, int]:
     """Total size per axis (ICI × DCN), with one ``-1`` filled from the device count."""
     ici = {a: int(cfg[a]) for a in MESH_AXES}
     dcn = {a: int(cfg[f"dcn_{a}"]) for a in MESH_AXES}
@@ -24,73 +23,79 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, in
         raise ValueError(f"mesh sizes must be positive (or -1 to fill): ici={ici}, dcn={dcn}")
     unknown = [a for a, v in ici.items() if v == -1]
     if len(unknown) > 1:
-        raise ValueError(f"only one mesh axis may be -1, got {unknown}")
+        raise ValueError(f"only one of mesh.{', mesh.'.join(unknown)} may be -1")
     known = math.prod(v for v in ici.values() if v != -1) * math.prod(dcn.values())
     if unknown:
         if num_devices % known:
-            raise ValueError(f"mesh {cfg.to_dict()} cannot fill {num_devices} devices: {known} does not divide it")
+            raise ValueError(f"mesh.{unknown[0]}=-1 cannot be filled: the other axes use {known} devices, which "
+                             f"does not divide the {num_devices} devices present")
         ici[unknown[0]] = num_devices // known
     total = {a: ici[a] * dcn[a] for a in MESH_AXES}
     if math.prod(total.values()) != num_devices:
-        raise ValueError(f"mesh {total} uses {math.prod(total.values())} devices but {num_devices} are present; "
-                         "set the sizes so their product is the device count (one may be -1)")
+        sizes = " × ".join(f"{a}={n}" for a, n in total.items() if n > 1) or "1"
+        raise ValueError(f"mesh {sizes} needs {math.prod(total.values())} devices but {num_devices} are present; "
+                         "make the sizes multiply to the device count (one may be -1)")
     return total
 
 
-def make_mesh(cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Mesh:
-    """Mesh over all devices (ICI axes inside a slice, DCN axes across slices), Auto axis types."""
+def make_mesh(cfg: Mapping, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh over all devices (ICI axes inside a slice, DCN axes across slices), Auto axis types.
+
+    Slices are TPU slices where devices report ``slice_index``; elsewhere (GPU nodes, CPU processes)
+    each process is one DCN granule.
+    """
     devices = list(devices or jax.devices())
     total = mesh_shape(cfg, len(devices))
     dcn = [int(cfg[f"dcn_{a}"]) for a in MESH_AXES]
     ici = [total[a] // d for a, d in zip(MESH_AXES, dcn)]
     if math.prod(dcn) > 1:
-        from jax.experimental import mesh_utils
-        array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, allow_split_physical_axes=True)
+        array = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices=devices, allow_split_physical_axes=True,
+            process_is_granule=not hasattr(devices[0], "slice_index"))
     else:
         try:
-            from jax.experimental import mesh_utils
             array = mesh_utils.create_device_mesh(ici, devices=devices, allow_split_physical_axes=True)
-        except (AssertionError, NotImplementedError, ValueError):
+        except (AssertionError, NotImplementedError, ValueError):  # no topology information (CPU, subsets)
             array = np.asarray(devices).reshape(ici)
     return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def resolve_rules(rules: str | list) -> list:
+def resolve_rules(rules: str | Sequence[Rule] | Mapping) -> list[Rule]:
+    """Rules from a ``config.mesh`` section (preset + custom rules), a preset name, or an explicit list."""
+    if isinstance(rules, Mapping) or hasattr(rules, "to_dict"):
+        return rules_from_config(rules)
     if isinstance(rules, str):
-        if rules not in RULE_PRESETS:
-            raise ValueError(f"unknown sharding rules {rules!r}; presets: {sorted(RULE_PRESETS)}")
-        return RULE_PRESETS[rules]
+        return rules_from_config({"rules": rules})
     return list(rules)
 
 
-def _divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Drop mesh axes that do not divide a dimension (e.g. a 10-row class table over 8 devices)."""
-    out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = math.prod(mesh.shape[a] for a in names)
-        out.append(axes if size and dim % size == 0 else None)
-    return PartitionSpec(*out)
+def param_spec(variable: nnx.Variable, mesh: Mesh, rules: Sequence[Rule]) -> PartitionSpec:
+    axes = variable.get_metadata().get("axes") or (None,) * variable.value.ndim
+    return logical_to_spec(axes, rules, dict(mesh.shape), variable.value.shape)
 
 
-def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: list) -> dict:
-    """A pure-dict tree of NamedShardings, one per parameter, from each Param's ``axes`` metadata."""
-    def sharding(variable: nnx.Variable) -> NamedSharding:
-        axes = variable.get_metadata().get("axes") or (None,) * variable.value.ndim
-        spec = logical_to_spec(axes, rules, mesh.axis_names)
-        return NamedSharding(mesh, _divisible_spec(spec, variable.value.shape, mesh))
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Sequence[Rule]) -> dict:
+    """A pure-dict tree of NamedShardings, one per parameter, from each Param's ``axes`` metadata.
 
-    tree = jax.tree.map(sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    A dimension that no rule's mesh axes divide stays whole (e.g. an 11-row class table over 8 devices).
+    """
+    tree = jax.tree.map(lambda v: NamedSharding(mesh, param_spec(v, mesh, rules)), abstract_state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(tree)
 
 
-def batch_sharding(mesh: Mesh, rules: list, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh.axis_names))
+def batch_sharding(mesh: Mesh, rules: Sequence[Rule], ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, dict(mesh.shape)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def tree_shardings_like(tree: Any, mesh: Mesh) -> Any:
-    return jax.tree.map(lambda _: replicated(mesh), tree)
+def gather_to_host(tree: Any, mesh: Mesh) -> Any:
+    """Numpy copy of a (possibly multi-host sharded) tree: replicate on the mesh, then read the local copy.
+
+    ``jax.device_get`` alone fails on arrays whose shards live on other processes (FSDP across hosts).
+    """
+    return jax.device_get(jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree))
+

@@ -19,9 +19,12 @@ def main(argv: list[str]) -> int:
     del argv
     from ditjax.parallel.multihost import initialize
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from ditjax.config import ConfigError
-    from ditjax.train.loop import NonFiniteLossError, train
-    try:
+    import jax
+    from ditjax.config import ConfigError, validate
+    from ditjax.train.errors import NonFiniteLossError
+    try:  # before the trainer (orbax, grain, TFDS) is even imported: a bad config fails in seconds
+        validate(_CONFIG.value, num_devices=jax.device_count(), num_processes=jax.process_count())
+        from ditjax.train.loop import train
         train(_CONFIG.value, _WORKDIR.value)
     except ConfigError as err:
         logging.error("invalid config: %s", err)

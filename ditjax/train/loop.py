@@ -19,20 +19,18 @@ import numpy as np
 from flax import nnx
 
 from ditjax import checkpoint as ckpt_lib
+from ditjax import mup
 from ditjax.config import model_config, validate
 from ditjax.data.pipeline import make_train_iterator
 from ditjax.generate import generate, make_objective, save_grid
-from ditjax.parallel.mesh import make_mesh, resolve_rules
+from ditjax.parallel.mesh import gather_to_host, make_mesh, resolve_rules
+from ditjax.train.errors import NonFiniteLossError
 from ditjax.train.metrics import MetricWriter, peak_flops_per_device, train_flops_per_image
 from ditjax.train.optim import make_optimizer
 from ditjax.train.state import TrainState, abstract_model, abstract_train_state, init_train_state
 from ditjax.train.step import make_train_step
 
 log = logging.getLogger("ditjax.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class _Preemption:
@@ -78,12 +76,14 @@ def _sample_grid(workdir: Path, name: str, run_config: dict, graphdef, template,
     noise = rng.standard_normal((len(labels), m["input_size"], m["input_size"], m["in_channels"])).astype(np.float32)
     images = generate(graphdef, template, jax.device_get(ema), run_config, labels, noise, jax.random.PRNGKey(seed))
     path = workdir / "samples" / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if run_config["model"]["in_channels"] in (1, 3):
-        save_grid(images, str(path), columns=s["grid_per_class"])
-    else:  # latent models without a decoder: keep the latents
+    if run_config["model"]["in_channels"] not in (1, 3):  # latent models without a decoder: keep the latents
         path = path.with_suffix(".npy")
-        np.save(path, images.transpose(0, 3, 1, 2))
+    if jax.process_index() == 0:  # every process samples (same result), one writes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".png":
+            save_grid(images, str(path), columns=s["grid_per_class"])
+        else:
+            np.save(path, images.transpose(0, 3, 1, 2))
     return path
 
 
@@ -111,18 +111,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     workdir = Path(workdir)
     validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
     run_config = config.to_dict()
-    model_cfg = model_config(config)
+    plan = mup.plan_for(config, model_config(config))  # μP: model fields, init, lr/wd multipliers (SP: none)
+    model_cfg = plan.model_cfg
+    run_config["model"].update(plan.model_overrides)
     tr = config.train
-    mesh, rules = make_mesh(config.mesh), resolve_rules(config.mesh.rules)
+    mesh, rules = make_mesh(config.mesh), resolve_rules(config.mesh)
     objective = make_objective(run_config["objective"], model_cfg.learn_sigma)
-    tx, schedule = make_optimizer(config.optim, tr.num_steps)
+    tx, schedule = make_optimizer(config.optim, tr.num_steps, lr_multipliers=plan.lr_multipliers,
+                                  wd_multipliers=plan.wd_multipliers)
 
-    state, shardings = init_train_state(model_cfg, tx, config.seed, mesh, rules)
+    state, shardings = init_train_state(model_cfg, tx, config.seed, mesh, rules, params_init=plan.params_init)
     manager = ckpt_lib.CheckpointManager(workdir, keep_last=tr.keep_last, keep_every=tr.keep_every or None,
                                          async_save=tr.async_checkpoint)
     data = make_train_iterator(config.data, global_batch_size=tr.global_batch_size, seed=config.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
-    restored = manager.restore_latest_good(abstract_train_state(model_cfg, tx, shardings))
+    restored = manager.restore_latest_good(abstract_train_state(model_cfg, tx, shardings).to_checkpoint())
     if restored is not None:
         step0, tree, data_state = restored
         state = TrainState.from_checkpoint(tree)
@@ -176,7 +179,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             if step % tr.checkpoint_every == 0 or step == tr.num_steps or stop:
                 manager.save(step, state.to_checkpoint(), data.get_state(), force=stop)
             if tr.sample_every and step % tr.sample_every == 0 and step < tr.num_steps:
-                path = _sample_grid(workdir, f"step_{step:07d}", run_config, graphdef, template, state.ema, config.seed)
+                path = _sample_grid(workdir, f"step_{step:07d}", run_config, graphdef, template,
+                                    gather_to_host(state.ema, mesh), config.seed)
                 log.info("sample grid: %s", path)
             if stop:
                 manager.wait()
@@ -184,10 +188,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 return {"step": step, "preempted": True}
         manager.wait()
         final = {"step": step, "final_loss": float(np.mean(history[-5:])) if history else float("nan")}
-        grid = _sample_grid(workdir, "final", run_config, graphdef, template, state.ema, config.seed)
+        ema = gather_to_host(state.ema, mesh)  # FSDP across hosts: no process holds the whole EMA
+        grid = _sample_grid(workdir, "final", run_config, graphdef, template, ema, config.seed)
         final["sample_grid"] = str(grid)
         if tr.eval_at_end and config.data.name == "digits":
-            final.update(evaluate_digits(workdir, run_config, graphdef, template, state.ema, config.seed))
+            final.update(evaluate_digits(workdir, run_config, graphdef, template, ema, config.seed))
             log.info("eval: class_accuracy %.4f | frechet_distance %.2f | frechet_distance_real_halves %.2f",
                      final["class_accuracy"], final["frechet_distance"], final["frechet_distance_real_halves"])
         log.info("sample grid: %s", grid)
