@@ -59,11 +59,15 @@ def model_fn_from_params(graphdef: nnx.GraphDef, template: nnx.State, params: di
     return Partial(_apply_fn(graphdef, template), params)
 
 
+def param_template(state: nnx.State) -> nnx.State:
+    """Abstract parameter state (shapes, dtypes, metadata) to rebuild a model from pure-dict weights."""
+    return _Hashable(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state))
+
+
 def split_model(model: DiT) -> tuple[nnx.GraphDef, nnx.State, dict]:
     """(graphdef, abstract parameter template, pure-dict parameters) of a model."""
     graphdef, state = nnx.split(model)
-    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    return graphdef, _Hashable(template), nnx.to_pure_dict(state)
+    return graphdef, param_template(state), nnx.to_pure_dict(state)
 
 
 class _Hashable(nnx.State):

@@ -58,11 +58,13 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(workdir, *steps), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    kill_after = int(np.random.default_rng().integers(3, 7))  # a random step past the first checkpoint
+    kill_after = int(np.random.default_rng().integers(3, 7))  # a random step, once a checkpoint is complete
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 600
+    checkpoints = workdir / "checkpoints"
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+        finalized = checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())
+        if finalized and metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

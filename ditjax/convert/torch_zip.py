@@ -125,7 +125,10 @@ def load(path: str | Path) -> Any:
                 storages[key] = array.byteswap() if big_endian else array
             return storages[key]
 
-        return _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), load_storage).load()
+        try:
+            return _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), load_storage).load()
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path} is not a readable torch checkpoint: {type(err).__name__}: {err}") from err
 
 
 class _PickleWriter:

@@ -63,3 +63,10 @@ def rules_from_config(mesh_cfg: Mapping) -> list[Rule]:
         raise ValueError(f"mesh.rules={preset!r} is not a preset; presets: {sorted(RULE_PRESETS)} "
                          "(put your own rules in mesh.custom_rules)")
     return parse_rules(mesh_cfg.get("custom_rules", "") or "") + RULE_PRESETS[preset]
+
+
+def format_rules(rules: list[Rule]) -> str:
+    """The inverse of :func:`parse_rules`, for reports and logs."""
+    def target(t: Target) -> str:
+        return "" if t is None else t if isinstance(t, str) else "+".join(t)
+    return ",".join(f"{name}={target(t)}" for name, t in rules)

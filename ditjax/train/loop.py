@@ -22,7 +22,7 @@ from ditjax import checkpoint as ckpt_lib
 from ditjax import mup
 from ditjax.config import model_config, validate
 from ditjax.data.pipeline import make_train_iterator
-from ditjax.generate import generate, make_objective, save_grid
+from ditjax.generate import generate, make_objective, param_template, save_grid
 from ditjax.parallel.mesh import gather_to_host, make_mesh, resolve_rules
 from ditjax.train.errors import NonFiniteLossError
 from ditjax.train.metrics import MetricWriter, peak_flops_per_device, train_flops_per_image
@@ -137,9 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     graphdef, abstract_state = abstract_model(model_cfg)
     step_fn, data_sharding = make_train_step(graphdef, abstract_state, objective, tx, schedule, tr, mesh, rules,
                                              shardings)
-    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_state)
-    from ditjax.generate import _Hashable
-    template = _Hashable(template)
+    template = param_template(abstract_state)
 
     flops_per_img = train_flops_per_image(model_cfg)
     peak, peak_source = peak_flops_per_device(model_cfg.dtype)

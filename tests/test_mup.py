@@ -1,0 +1,189 @@
+"""μP: parameter roles against algorithms.md §6.2, base-width equivalence with SP, init, coord check, export."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ditjax import mup
+from ditjax.config import ConfigError, base_config, model_config, validate
+from ditjax.models import DiT
+from ditjax.mup import coord_check as cc
+from ditjax.train.optim import make_optimizer
+
+BASE_D, BASE_H = 16, 2  # head dim 8; widths grow by adding heads
+
+
+def _config(width: int = 2 * BASE_D, parametrization: str = "mup", scan: bool = False):
+    c = base_config()
+    c.model.update(input_size=8, patch_size=4, in_channels=1, hidden_size=width, depth=2, num_heads=width // 8,
+                   num_classes=10, learn_sigma=False, scan_layers=scan)
+    c.objective.update(name="flow", time_scale=1000.0)
+    c.sample.update(sampler="euler")
+    c.mup.update(parametrization=parametrization, base_hidden_size=BASE_D, base_num_heads=BASE_H)
+    return c
+
+
+def _plan(config):
+    return mup.plan_for(config, model_config(config))
+
+
+def _flat(tree, leaf=None):
+    items = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in items}
+
+
+# algorithms.md §6.2 at m = 2, fan-in of the reference table: (role, init std, Adam lr mult, wd mult).
+D, M = 2 * BASE_D, 2.0
+REFERENCE = {
+    r"x_embedder/proj/kernel": ("input", (4 * 4 * 1) ** -0.5, 1, 1),   # N(0, 1/(C·p²))
+    r"t_embedder/mlp_in/kernel": ("input", 256 ** -0.5, 1, 1),        # N(0, 1/256)
+    r"y_embedder/embedding_table": ("input", 1.0, 1, 1),              # N(0, 1)
+    r"t_embedder/mlp_out/kernel": ("hidden", D ** -0.5, 1 / M, M),
+    r"blocks/(\d+/)?attn/(qkv|proj)/kernel": ("hidden", D ** -0.5, 1 / M, M),
+    r"blocks/(\d+/)?mlp/fc1/kernel": ("hidden", D ** -0.5, 1 / M, M),
+    r"blocks/(\d+/)?mlp/fc2/kernel": ("hidden", (4 * D) ** -0.5, 1 / M, M),
+    r"blocks/(\d+/)?modulation/kernel": ("hidden", D ** -0.5, 1 / M, M),  # adaLN: NOT zero
+    r"final_layer/modulation/kernel": ("hidden", D ** -0.5, 1 / M, M),
+    r"final_layer/linear/kernel": ("output", 0.0, 1, 1),                 # MuReadout: zero, × output_mult/m
+    r".*/bias": ("vector", 0.0, 1, 1),
+}
+
+
+def _reference(path: str) -> tuple:
+    hits = [v for pattern, v in REFERENCE.items() if re.fullmatch(pattern, path)]
+    assert len(hits) == 1, f"{path} matches {len(hits)} reference rows"
+    return hits[0]
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_param_role_and_multiplier_matches_reference_table(scan):
+    plan = _plan(_config(scan=scan))
+    roles = _flat(plan.roles, leaf=lambda x: isinstance(x, mup.ParamRole))
+    lrs, wds = _flat(plan.lr_multipliers), _flat(plan.wd_multipliers)
+    params = _flat(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: DiT(plan.model_cfg, rngs=nnx.Rngs(0))))))
+    assert roles.keys() == params.keys() == lrs.keys() == wds.keys()
+    assert len(roles) == (13 if scan else 21)
+    for path, role in roles.items():
+        want_role, want_std, want_lr, want_wd = _reference(path)
+        got = (role.role, mup.init_std(role), lrs[path], wds[path])
+        assert got == pytest.approx((want_role, want_std, want_lr, want_wd)), path
+    assert plan.model_cfg.readout_scale == pytest.approx(1.0 / M)
+    assert plan.model_cfg.attn_scale is None  # fixed head dim: 1/√d_h either way
+
+
+def test_sp_plan_is_the_reference_dit():
+    config = _config(parametrization="sp")
+    plan = _plan(config)
+    assert plan.model_cfg == model_config(config)
+    assert plan.lr_multipliers is plan.wd_multipliers is plan.params_init is None
+
+
+def test_attn_scale_mup_when_head_dim_grows():
+    c = _config(width=32)
+    c.model.num_heads = BASE_H  # head dim 16 = 2 × the base's 8
+    c.mup.attn_scale = "mup"
+    assert _plan(c).model_cfg.attn_scale == pytest.approx(8 ** -0.5 * 8 / 16)
+
+
+def test_validation_requires_base_shape():
+    c = _config()
+    c.mup.base_hidden_size = None
+    with pytest.raises(ConfigError, match="mup.base_hidden_size"):
+        validate(c, num_devices=1, check_data=False)
+    c = _config()
+    c.model.readout_scale = 0.5
+    with pytest.raises(ConfigError, match="readout_scale"):
+        validate(c, num_devices=1, check_data=False)
+
+
+def _loss_fn(model_cfg, batch):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(model_cfg, rngs=nnx.Rngs(0))))
+
+    def loss(params):
+        s = jax.tree.map(lambda v: v, state)
+        nnx.replace_by_pure_dict(s, params)
+        out = nnx.merge(graphdef, s)(batch["image"], batch["t"], batch["label"]).output
+        return jnp.mean((out - batch["target"]) ** 2)
+
+    return loss
+
+
+def _train(config, params, batch, steps=3):
+    plan = _plan(config)
+    config.optim.update(lr=1e-2, weight_decay=0.1)
+    tx, _ = make_optimizer(config.optim, steps, lr_multipliers=plan.lr_multipliers,
+                           wd_multipliers=plan.wd_multipliers)
+    grad = jax.jit(jax.grad(_loss_fn(plan.model_cfg, batch)))
+    opt_state = tx.init(params)
+    for _ in range(steps):
+        updates, opt_state = tx.update(grad(params), opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def _batch(key=0, n=4):
+    k = jax.random.split(jax.random.PRNGKey(key), 4)
+    return {"image": jax.random.normal(k[0], (n, 8, 8, 1)), "target": jax.random.normal(k[1], (n, 8, 8, 1)),
+            "t": jax.random.uniform(k[2], (n,)) * 1000, "label": jax.random.randint(k[3], (n,), 0, 10)}
+
+
+def test_at_base_width_mup_and_sp_take_identical_steps():
+    mup_cfg = _config(width=BASE_D)
+    plan = _plan(mup_cfg)
+    assert set(jax.tree.leaves(plan.lr_multipliers)) == {1.0} == set(jax.tree.leaves(plan.wd_multipliers))
+    assert plan.model_cfg.readout_scale == 1.0
+    params = plan.params_init(nnx.to_pure_dict(nnx.state(DiT(plan.model_cfg, rngs=nnx.Rngs(0)))),
+                              jax.random.PRNGKey(1))
+    batch = _batch()
+    after_mup = _train(mup_cfg, params, batch)
+    after_sp = _train(_config(width=BASE_D, parametrization="sp"), params, batch)
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), after_mup, params)
+    assert all(jax.tree.leaves(moved))  # every parameter was updated (so the check is not vacuous)
+    jax.tree.map(np.testing.assert_array_equal, after_mup, after_sp)
+
+
+def test_mup_init_differs_from_dit_init():
+    plan = _plan(_config(width=4 * BASE_D))
+    dit = nnx.to_pure_dict(nnx.state(DiT(plan.model_cfg, rngs=nnx.Rngs(0))))
+    ours = _flat(plan.params_init(dit, jax.random.PRNGKey(0)))
+    dit = _flat(dit)
+    roles = _flat(plan.roles, leaf=lambda x: isinstance(x, mup.ParamRole))
+    d = 4 * BASE_D
+    # DiT zeroes every adaLN; DiT-μP draws them N(0, 1/fan_in). DiT's tables are N(0, 0.02²), μP's N(0, 1).
+    for path in ("blocks/0/modulation/kernel", "final_layer/modulation/kernel"):
+        assert not np.any(dit[path])
+        assert np.std(ours[path]) == pytest.approx(d ** -0.5, rel=0.1)
+    assert np.std(dit["y_embedder/embedding_table"]) == pytest.approx(0.02, rel=0.2)
+    assert np.std(ours["y_embedder/embedding_table"]) == pytest.approx(1.0, rel=0.2)
+    assert np.std(ours["blocks/1/mlp/fc2/kernel"]) == pytest.approx((4 * d) ** -0.5, rel=0.1)
+    assert np.std(ours["x_embedder/proj/kernel"]) == pytest.approx(16 ** -0.5, rel=0.2)
+    for path, role in roles.items():
+        if role.role in ("output", "vector"):
+            assert not np.any(ours[path]), path
+
+
+def test_fold_readout_gives_plain_dit_with_same_output():
+    plan = _plan(_config(width=4 * BASE_D, scan=True))
+    assert plan.model_cfg.readout_scale == pytest.approx(0.25)
+    params = nnx.to_pure_dict(nnx.state(DiT(plan.model_cfg, rngs=nnx.Rngs(0))))
+    params = jax.tree.map(lambda a: jax.random.normal(jax.random.PRNGKey(a.size), a.shape) * 0.1, params)
+    batch = _batch(n=3)
+
+    def forward(model_cfg, p):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(model_cfg, rngs=nnx.Rngs(0))))
+        nnx.replace_by_pure_dict(state, p)
+        return nnx.merge(graphdef, state)(batch["image"], batch["t"], batch["label"]).output
+
+    folded, plain = mup.fold_readout(params, plan.model_cfg)
+    assert plain == dataclasses.replace(plan.model_cfg, readout_scale=1.0)
+    want = forward(plan.model_cfg, params)
+    assert float(jnp.abs(want).mean()) > 1e-2  # a nonzero readout, so the multiplier matters
+    np.testing.assert_allclose(forward(plain, folded), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(forward(plain, params), want)  # without folding the plain DiT differs
