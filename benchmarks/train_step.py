@@ -41,7 +41,7 @@ from ditjax.generate import make_objective  # noqa: E402
 from ditjax.parallel.mesh import make_mesh, resolve_rules  # noqa: E402
 from ditjax.train.metrics import measured_matmul_peak, train_flops_per_image  # noqa: E402
 from ditjax.train.optim import make_optimizer  # noqa: E402
-from ditjax.train.state import abstract_model, init_train_state  # noqa: E402
+from ditjax.train.state import abstract_model, init_train_state, state_shardings  # noqa: E402
 from ditjax.train.step import make_train_step  # noqa: E402
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
@@ -77,21 +77,21 @@ def system_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / TICK
 
 
-def own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 class StepTimer:
-    """Wall time of one step and the CPU time other processes took during it, as a fraction of the wall."""
+    """One step's wall time, this process's user/system CPU and page faults, and the CPU time other
+    processes took meanwhile as a fraction of the wall (what makes a step "clean")."""
 
     def __enter__(self) -> StepTimer:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), system_busy_seconds(), own_cpu_seconds()
+        self.t0, self.busy0, self.use0 = time.perf_counter(), system_busy_seconds(), resource.getrusage(
+            resource.RUSAGE_SELF)
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.t0
-        foreign = (system_busy_seconds() - self.busy0) - (own_cpu_seconds() - self.own0)
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        self.user, self.system = use.ru_utime - self.use0.ru_utime, use.ru_stime - self.use0.ru_stime
+        self.faults = use.ru_minflt - self.use0.ru_minflt
+        foreign = (system_busy_seconds() - self.busy0) - (self.user + self.system)
         self.foreign = max(foreign, 0.0) / self.seconds
 
 
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None, help="scan the blocks")
     ap.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default=None)
     ap.add_argument("--compile-only", action="store_true", help="report trace and compile time, run nothing")
+    ap.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the timed steps to DIR")
     args = ap.parse_args()
     max_steps = args.max_steps or 3 * args.steps
 
@@ -120,8 +121,15 @@ def main() -> None:
     mesh, rules = make_mesh(config.mesh), resolve_rules(config.mesh.rules)
     objective = make_objective(config.objective.to_dict(), model_cfg.learn_sigma)
     tx, schedule = make_optimizer(config.optim, tr.num_steps)
-    state, shardings = init_train_state(model_cfg, tx, config.seed, mesh, rules)
     graphdef, abstract_state = abstract_model(model_cfg)
+    t_init = time.perf_counter()
+    if args.compile_only:  # shapes and shardings suffice to compile; skip the (slow to compile) init
+        state = jax.eval_shape(lambda: init_train_state(model_cfg, tx, config.seed, mesh, rules)[0])
+        shardings = state_shardings(abstract_state, state, tx, mesh, rules)
+        state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
+    else:
+        state, shardings = jax.block_until_ready(init_train_state(model_cfg, tx, config.seed, mesh, rules))
+    init_s = time.perf_counter() - t_init
     step_fn, data_sharding = make_train_step(graphdef, abstract_state, objective, tx, schedule, tr, mesh, rules,
                                              shardings)
 
@@ -138,19 +146,23 @@ def main() -> None:
     t2 = time.perf_counter()
     name = args.config and Path(args.config).name or args.arch
     head = (f"ditjax {name} batch={b} latent={s} precision={precision} scan={int(model_cfg.scan_layers)} "
-            f"remat={model_cfg.remat_policy} trace_s={t1 - t0:.2f} compile_s={t2 - t1:.2f}")
+            f"remat={model_cfg.remat_policy} init_s={init_s:.1f} trace_s={t1 - t0:.2f} compile_s={t2 - t1:.2f}")
     if args.compile_only:
-        print(f"{head} peak_rss_gb={peak_rss_gb():.2f}", flush=True)
+        print(f"{head} temp_gb={temp_gb(compiled):.2f} peak_rss_gb={peak_rss_gb():.2f}", flush=True)
         return
 
     for _ in range(args.warmup):
         state, metrics = jax.block_until_ready(compiled(state, batch))
-    times, foreign = [], []
-    while len(times) < max_steps and sum(f < args.max_foreign for f in foreign) < args.steps:
+    if args.profile:
+        jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
+    timers: list[StepTimer] = []
+    while len(timers) < max_steps and sum(t.foreign < args.max_foreign for t in timers) < args.steps:
         with StepTimer() as timer:
             state, metrics = jax.block_until_ready(compiled(state, batch))
-        times.append(timer.seconds)
-        foreign.append(timer.foreign)
+        timers.append(timer)
+    if args.profile:
+        jax.profiler.stop_trace()
+    times, foreign = [t.seconds for t in timers], [t.foreign for t in timers]
     if not np.isfinite(float(metrics["loss"])):
         sys.exit(f"non-finite loss {float(metrics['loss'])}")
     clean = [t for t, f in zip(times, foreign) if f < args.max_foreign]
@@ -160,8 +172,15 @@ def main() -> None:
     print(f"{head} median_step_s={step_s:.4f} img_per_s={b / step_s:.2f} mfu={flops / step_s / peak:.3f} "
           f"peak_gflops={peak / 1e9:.0f} gflop_per_img={flops / b / 1e9:.2f} clean={len(clean)}/{len(times)} "
           f"foreign_cpu={statistics.median(foreign):.2f} all_median_s={statistics.median(times):.4f} "
-          f"min_step_s={min(times):.4f} peak_rss_gb={peak_rss_gb():.2f} load1={os.getloadavg()[0]:.1f} "
+          f"min_step_s={min(times):.4f} user_s={statistics.median(t.user for t in timers):.2f} "
+          f"sys_s={statistics.median(t.system for t in timers):.2f} "
+          f"faults={statistics.median(t.faults for t in timers):.0f} temp_gb={temp_gb(compiled):.2f} peak_rss_gb={peak_rss_gb():.2f} load1={os.getloadavg()[0]:.1f} "
           f"{runtime.describe()}", flush=True)
+
+
+def temp_gb(compiled: jax.stages.Compiled) -> float:
+    """XLA's scratch buffer for one step: activations kept for the backward pass dominate it."""
+    return compiled.memory_analysis().temp_size_in_bytes / 1e9
 
 
 def peak_rss_gb() -> float:

@@ -162,6 +162,7 @@ def plan(config: ml_collections.ConfigDict, chip: Chip) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     flops_dev, bytes_dev = per_device_costs(config, mesh, rules, compiled)
+    plan_s = time.perf_counter() - t0
     model_cfg = mup.plan_for(config, model_config(config)).model_cfg
 
     memory = {
@@ -208,6 +209,7 @@ def plan(config: ml_collections.ConfigDict, chip: Chip) -> dict[str, Any]:
                                       "hbm_cpu_estimate": bytes_dev / chip.hbm_bandwidth},
         "est_mfu": model_flops / (n * chip.peak_flops * step_s),
         "compile_seconds": compile_s,
+        "plan_seconds": plan_s,
         "replicated_params": unsharded,
         "replicated_param_fraction": unsharded_fraction,
         "warnings": warnings,
@@ -246,7 +248,7 @@ def summary(report: dict[str, Any]) -> str:
         f"ratio {report['flops_ratio']:.3f}",
         f"step ≥ {report['est_step_time_s'] * 1e3:.1f} ms (compute {t['compute'] * 1e3:.1f} ms, communication "
         f"{comm}) → MFU ≤ {100 * report['est_mfu']:.1f}%",
-        f"compiled in {report['compile_seconds']:.1f} s",
+        f"step compiled in {report['compile_seconds']:.1f} s, planned in {report['plan_seconds']:.1f} s",
         *(f"warning: {w}" for w in report["warnings"]),
     ]
     return "\n".join(lines)

@@ -1,8 +1,10 @@
 """Which μP role each DiT parameter plays, read off its shape against a base-width model.
 
-As in microsoft/mup's ``infshape``: a dimension is *infinite* if it differs from the same dimension of
-the base model (built abstractly at ``base_hidden_size``/``base_num_heads``, same depth and experts),
-so nothing here knows layer names. Our kernels may be multi-dimensional (qkv is [D, 3, heads, head_dim]),
+As in microsoft/mup's ``infshape``: a dimension is *infinite* if it differs between the base model
+(built abstractly at ``base_hidden_size``/``base_num_heads``, same depth and experts) and a *delta*
+model, so nothing here knows layer names. The delta is the model itself when its width differs from the
+base; at the base width (where nothing differs) it is the base at twice the width and heads, as mup's
+``set_base_shapes(model, base, delta=…)`` needs a delta there too (DiT-μP: base 288, delta 360). Our kernels may be multi-dimensional (qkv is [D, 3, heads, head_dim]),
 so dimensions are grouped by the :class:`~ditjax.models.layers.Dense` layout: the first ``n_in`` dims are
 fan-in, the rest fan-out; a Dense bias has no fan-in. Other parameters with ≥2 dims (the label table
 [vocab, D]) count their first dim as fan-in (a lookup is a one-hot matmul). Leading stacked axes
@@ -69,30 +71,39 @@ def _layouts(cfg: DiTConfig) -> dict[tuple, _Layout]:
     return out
 
 
-def classify(layout: _Layout, base: _Layout) -> ParamRole:
-    """The role of one parameter given its own and its base-model layout."""
-    if len(layout.shape) != len(base.shape):
-        raise ValueError(f"shape {layout.shape} and base shape {base.shape} differ in rank")
-    dims, base_dims = layout.shape[layout.n_stack:], base.shape[base.n_stack:]
+def classify(layout: _Layout, base: _Layout, delta: _Layout) -> ParamRole:
+    """The role of one parameter given its own, its base-model and its delta-model layout."""
+    if not len(layout.shape) == len(base.shape) == len(delta.shape):
+        raise ValueError(f"shapes {layout.shape}, base {base.shape}, delta {delta.shape} differ in rank")
+    dims, base_dims, delta_dims = (x.shape[x.n_stack:] for x in (layout, base, delta))
     k = layout.n_in
     fan_in, base_fan_in = math.prod(dims[:k]), math.prod(base_dims[:k])
     if k == 0:
         return ParamRole("vector", 1, 1.0, False)
-    inf_in, inf_out = dims[:k] != base_dims[:k], dims[k:] != base_dims[k:]
+    inf_in, inf_out = delta_dims[:k] != base_dims[:k], delta_dims[k:] != base_dims[k:]
     if inf_in:
         return ParamRole("hidden" if inf_out else "output", fan_in, fan_in / base_fan_in, False)
     return ParamRole("input", fan_in, 1.0, layout.lookup)
 
 
+def delta_config(model_cfg: DiTConfig, base_cfg: DiTConfig) -> DiTConfig:
+    """The model itself if wider than the base, else the base at twice the width and heads."""
+    if model_cfg.hidden_size != base_cfg.hidden_size:
+        return model_cfg
+    return dataclasses.replace(base_cfg, hidden_size=2 * base_cfg.hidden_size, num_heads=2 * base_cfg.num_heads)
+
+
 def param_roles(model_cfg: DiTConfig, base_cfg: DiTConfig) -> dict:
     """A pure-dict tree (like ``nnx.to_pure_dict`` params) of :class:`ParamRole` leaves."""
     layouts, base = _layouts(model_cfg), _layouts(base_cfg)
-    if layouts.keys() != base.keys():
+    delta_cfg = delta_config(model_cfg, base_cfg)
+    delta = layouts if delta_cfg is model_cfg else _layouts(delta_cfg)
+    if not layouts.keys() == base.keys() == delta.keys():
         raise ValueError("the base model has different parameters; only widths may differ from the base")
     tree: dict = {}
     for path, layout in layouts.items():
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = classify(layout, base[path])
+        node[path[-1]] = classify(layout, base[path], delta[path])
     return tree

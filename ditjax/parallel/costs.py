@@ -90,3 +90,39 @@ def communication_seconds(comm: Mapping[str, float], chip: Chip, mesh_shape: Map
             return None
         total += nbytes / bandwidth
     return total
+
+
+STRATEGIES = {  # name: mesh sizes for n devices
+    "DP": lambda n: {"data": n},
+    "FSDP": lambda n: {"fsdp": n},
+    "FSDP+TP": lambda n: {"fsdp": n // 2, "tensor": 2},
+}
+STRATEGY_RULES = {"DP": "dp", "FSDP": "fsdp", "FSDP+TP": "fsdp_tp"}
+
+
+def strategy_table(archs: Sequence[str] = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"),
+                   devices: Sequence[int] = (8, 64, 256), global_batch: int = 256) -> str:
+    """Markdown: train state (params + EMA + Adam) per device and bytes sent per step, for docs/scaling.md."""
+    from ditjax.models import DiT, dit_config
+    from ditjax.parallel.rules import RULE_PRESETS
+
+    gib, gb = 2**30, 1e9
+    head = " | ".join(f"{n} devices" for n in devices)
+    lines = [f"| model | params | strategy | {head} |", "|---|---|---|" + "---|" * len(devices)]
+    for arch in archs:
+        cfg = dit_config(arch, input_size=32)
+        state = nnx.state(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
+        full = param_bytes_per_device(state, RULE_PRESETS["dp"], dict.fromkeys(MESH_AXES, 1))
+        for name, sizes in STRATEGIES.items():
+            cells = []
+            for n in devices:
+                shape = {**dict.fromkeys(MESH_AXES, 1), **sizes(n)}
+                held = 4 * param_bytes_per_device(state, RULE_PRESETS[STRATEGY_RULES[name]], shape)
+                sent = sum(communication_bytes(full, shape, cfg, global_batch).values())
+                cells.append(f"{held / gib:.3g} GiB / {sent / gb:.3g} GB")
+            lines.append(f"| {arch} | {full / 4 / 1e6:.0f}M | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(strategy_table())

@@ -70,8 +70,8 @@ def resolve_rules(rules: str | Sequence[Rule] | Mapping) -> list[Rule]:
 
 
 def param_spec(variable: nnx.Variable, mesh: Mesh, rules: Sequence[Rule]) -> PartitionSpec:
-    axes = variable.get_metadata().get("axes") or (None,) * variable.value.ndim
-    return logical_to_spec(axes, rules, dict(mesh.shape), variable.value.shape)
+    axes = variable.get_metadata().get("axes") or (None,) * len(variable.get_value().shape)
+    return logical_to_spec(axes, rules, dict(mesh.shape), variable.get_value().shape)
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Sequence[Rule]) -> dict:

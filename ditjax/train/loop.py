@@ -141,21 +141,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     flops_per_img = train_flops_per_image(model_cfg)
     peak, peak_source = peak_flops_per_device(model_cfg.dtype)
-    log.info("model %s: %.2fM parameters, %.2f GFLOP per image per step; peak %.1f GFLOP/s per device (%s); "
-             "%d devices, mesh %s", model_cfg.__class__.__name__,
+    log.info("DiT depth %d, width %d, %d heads, patch %d: %.2fM parameters, %.2f GFLOP per image per step; "
+             "peak %.1f GFLOP/s per device (%s); %d devices, mesh %s", model_cfg.depth, model_cfg.hidden_size,
+             model_cfg.num_heads, model_cfg.patch_size,
              sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)) / 1e6, flops_per_img / 1e9,
              peak / 1e9, peak_source, jax.device_count(), dict(mesh.shape))
     writer = MetricWriter(workdir)
     preemption = _Preemption()
     step = int(jax.device_get(state.step))
-    last_time, last_step, history = time.perf_counter(), step, []
+    last_time, last_step, history, compiled = time.perf_counter(), step, [], False
     final = {}
     try:
         while step < tr.num_steps:
             batch = _global_batch(next(data), data_sharding)
             state, metrics = step_fn(state, batch)
             step += 1
-            if step % tr.log_every == 0 or step == tr.num_steps:
+            if not compiled:  # throughput is timed from here, so it excludes compilation
+                jax.block_until_ready(state)
+                log.info("first step (trace + compile + run) took %.1f s", time.perf_counter() - last_time)
+                compiled, last_time, last_step = True, time.perf_counter(), step
+            if (step % tr.log_every == 0 or step == tr.num_steps) and step > last_step:
                 metrics = jax.device_get(metrics)
                 if not metrics.pop("finite"):
                     raise NonFiniteLossError(
