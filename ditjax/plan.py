@@ -67,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags
 from flax import nnx
 from jax.sharding import Mesh
@@ -75,6 +76,7 @@ from ml_collections import config_flags
 from ditjax import mup
 from ditjax.config import ConfigError, model_config, validate
 from ditjax.generate import make_objective
+from ditjax.models import DiTConfig
 from ditjax.parallel import costs
 from ditjax.parallel.chips import CHIPS, Chip, get_chip
 from ditjax.parallel.mesh import make_mesh, resolve_rules
@@ -84,10 +86,9 @@ from ditjax.train.optim import make_optimizer
 from ditjax.train.state import TrainState, abstract_model, abstract_train_state, state_shardings
 from ditjax.train.step import make_train_step
 
-log = logging.getLogger("ditjax.plan")
 
-
-def abstract_sharded_state(model_cfg, tx, mesh: Mesh, rules: list) -> TrainState:
+def abstract_sharded_state(model_cfg: DiTConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                           rules: list) -> TrainState:
     """The train state as ShapeDtypeStructs with the trainer's shardings, allocating nothing."""
     _, abstract_state = abstract_model(model_cfg)
     params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract_state))
@@ -142,14 +143,15 @@ def _state_bytes(tree: Any) -> int:
 
 
 def replicated_params(state: TrainState, mesh: Mesh) -> tuple[list[str], float]:
-    """(names, fraction of parameter elements) left whole on every device although the rules shard other
-    parameters: no mesh axis divides any of their dimensions."""
+    """(names, largest first; fraction of parameter elements) left whole on every device although the rules
+    shard other parameters: no mesh axis divides any of their dimensions."""
     leaves = jax.tree_util.tree_leaves_with_path(state.params)
     if mesh.size == 1 or not any(any(s.sharding.spec) for _, s in leaves):
         return [], 0.0
-    whole = [(jax.tree_util.keystr(path), math.prod(s.shape)) for path, s in leaves if not any(s.sharding.spec)]
+    whole = sorted(((math.prod(s.shape), jax.tree_util.keystr(path)) for path, s in leaves if not any(s.sharding.spec)),
+                   reverse=True)
     total = sum(math.prod(s.shape) for _, s in leaves)
-    return sorted(name for name, _ in whole), sum(size for _, size in whole) / total
+    return [name for _, name in whole], sum(size for size, _ in whole) / total
 
 
 def plan(config: ml_collections.ConfigDict, chip: Chip) -> dict[str, Any]:
@@ -188,7 +190,7 @@ def plan(config: ml_collections.ConfigDict, chip: Chip) -> dict[str, Any]:
     unsharded, unsharded_fraction = replicated_params(state, mesh)
     if unsharded_fraction > 0.01:
         warnings.append(f"{100 * unsharded_fraction:.0f}% of the parameters are replicated: no mesh axis divides "
-                        f"any of their dimensions (e.g. {unsharded[-1]}); try data=K,fsdp=N/K")
+                        f"any of their dimensions (largest: {unsharded[0]}); try data=K,fsdp=N/K")
     return {
         "config": {"mesh": {a: shape[a] for a in MESH_AXES}, "rules": config.mesh.rules,
                    "custom_rules": config.mesh.custom_rules, "rule_list": format_rules(rules), "devices": n, "chip": chip.name,

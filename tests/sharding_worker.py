@@ -4,7 +4,8 @@ Trains the tiny config for STEPS steps on one device and on 8 devices with each 
 trainer's own pieces (init in shardings, jitted step, batches assembled with
 make_array_from_process_local_data) under ``jax.transfer_guard_device_to_host("disallow")``, so any
 implicit copy of device data to the host (a host gather of the state) fails the run. Then saves the FSDP state and restores it
-onto data=2,fsdp=4 and onto one device. Writes what the tests assert on as JSON.
+onto data=2,fsdp=4 and onto one device, and runs a per-shard kernel through ``shard_over_mesh``. Writes
+what the tests assert on as JSON.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ditjax.config import model_config
 from ditjax.data.pipeline import make_train_iterator
 from ditjax.generate import make_objective
 from ditjax.parallel.costs import param_bytes_per_device
+from ditjax.parallel.logical import axis_rules, shard_over_mesh
 from ditjax.parallel.mesh import make_mesh, resolve_rules
 from ditjax.plan import abstract_sharded_state
 from ditjax.train.optim import make_optimizer
@@ -105,6 +107,25 @@ def reshard(workdir: Path, fsdp_run: dict) -> dict:
     return out
 
 
+def per_shard_kernel() -> dict:
+    """A kernel XLA must not partition (like Pallas attention) sees only its shard of q, k, v."""
+    config = config_for({"data": 1, "fsdp": 4, "tensor": 2}, "fsdp_tp")
+    mesh, rules = make_mesh(config.mesh), resolve_rules(config.mesh)
+    seen = []
+
+    def kernel(q, k, v):
+        seen.append(q.shape)
+        return q * k + v
+
+    def attention_like(q, k, v):
+        with axis_rules(mesh, rules):
+            return shard_over_mesh(kernel, ("batch", "tokens", "heads", "head_dim"))(q, k, v)
+
+    q, k, v = (np.random.default_rng(i).standard_normal((16, 8, 2, 4)).astype(np.float32) for i in range(3))
+    out = jax.jit(attention_like)(q, k, v)
+    return {"local_shape": list(seen[0]), "equal": bool(np.allclose(jax.device_get(out), q * k + v))}
+
+
 def main(out_path: str, workdir: str) -> None:
     results: dict = {"runs": {}, "seconds": {}}
     runs = {}
@@ -116,6 +137,7 @@ def main(out_path: str, workdir: str) -> None:
     t0 = time.perf_counter()
     results["reshard"] = reshard(Path(workdir) / "ckpt", runs["fsdp"])
     results["seconds"]["reshard"] = time.perf_counter() - t0
+    results["shard_over_mesh"] = per_shard_kernel()
     Path(out_path).write_text(json.dumps(results, indent=2))
 
 

@@ -122,3 +122,9 @@ def test_fsdp8_checkpoint_restores_on_other_meshes(target):
     assert restored["data_state"] == {"next_index": STEPS}
     expected_mesh = {"data": 2, "fsdp": 4} if target == "data2_fsdp4" else {"data": 1, "fsdp": 1}
     assert restored["mesh"] == {**expected_mesh, "tensor": 1, "expert": 1}
+
+
+@pytest.mark.slow
+def test_per_shard_kernels_see_only_their_shard():
+    result = sharding_results()["shard_over_mesh"]
+    assert result["equal"] and result["local_shape"] == [16 // 4, 8, 2 // 2, 4]  # batch / fsdp, heads / tensor

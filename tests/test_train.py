@@ -33,20 +33,13 @@ def run(workdir: Path, *extra: str, timeout: float = 600) -> subprocess.Complete
 
 
 def final_params(workdir: Path, step: int) -> dict[str, np.ndarray]:
+    """Every array of a saved train state (params, EMA, optimizer moments, step, RNG) by path."""
+    import jax
     import orbax.checkpoint as ocp
 
     tree = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
-    flat = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}/{k}", v)
-        else:
-            flat[prefix] = np.asarray(node)
-
-    walk("", {"params": tree["params"], "ema": tree["ema"], "opt_state": tree["opt_state"]})
-    return flat
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 @pytest.mark.slow

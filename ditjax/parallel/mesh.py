@@ -85,7 +85,27 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Sequence[Rule]
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[Rule], ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, dict(mesh.shape)))
+    sharding = NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, dict(mesh.shape)))
+    check_hosts_own_disjoint_rows(sharding)
+    return sharding
+
+
+def check_hosts_own_disjoint_rows(sharding: NamedSharding) -> None:
+    """Each host reads its own 1/P of every global batch, so the batch split must give every process an
+    equal, disjoint set of rows; a mesh whose batch axes do not separate the processes (e.g. a tensor
+    axis spanning hosts with nothing else split) would silently feed replicas different examples."""
+    processes = {d.process_index for d in sharding.mesh.devices.flat}
+    if len(processes) == 1:
+        return
+    entry = sharding.spec[0] if len(sharding.spec) else None
+    shards = math.prod(sharding.mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry or ()))
+    rows: dict[int, set[int]] = {p: set() for p in processes}
+    for device, index in sharding.devices_indices_map((shards,)).items():
+        rows[device.process_index].update(range(*index[0].indices(shards)))
+    if any(len(r) * len(processes) != shards for r in rows.values()) or len(set().union(*rows.values())) != shards:
+        raise ValueError(f"the batch is split {sharding.spec[0]} over mesh {dict(sharding.mesh.shape)}, which does "
+                         f"not give each of the {len(processes)} processes its own rows; put a batch axis (data, "
+                         "fsdp, expert) across hosts, e.g. the dcn_* axes or the outermost in-slice axis")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
