@@ -6,13 +6,13 @@ WORKDIR ?= runs/default
 # Threads for pytest-xdist; JAX tests compile a lot, two workers overlap compilation on 2 cores.
 TEST_WORKERS ?= 2
 
-# A Python >= 3.12 (jax >= 0.11 needs it): python3.13/3.12/python3 on PATH, else a pyenv-installed one.
+# A Python >= 3.12 (jax >= 0.11 needs it), 3.12 preferred: python3.12/3.13/python3 on PATH, else pyenv's.
 define find_python
-for c in python3.13 python3.12 python3; do \
+for c in python3.12 python3.13 python3; do \
   p=$$(command -v $$c) && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; exit 0; }; \
 done; \
 if command -v pyenv >/dev/null; then \
-  for v in $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9]|[2-9][0-9])' | sort -rV); do \
+  for v in $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9]|[2-9][0-9])' | sort -V); do \
     p=$$(PYENV_VERSION=$$v pyenv which python 2>/dev/null) && { echo $$p; exit 0; }; \
   done; \
 fi; exit 1

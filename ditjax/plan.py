@@ -148,10 +148,25 @@ def replicated_params(state: TrainState, mesh: Mesh) -> tuple[list[str], float]:
     leaves = jax.tree_util.tree_leaves_with_path(state.params)
     if mesh.size == 1 or not any(any(s.sharding.spec) for _, s in leaves):
         return [], 0.0
-    whole = sorted(((math.prod(s.shape), jax.tree_util.keystr(path)) for path, s in leaves if not any(s.sharding.spec)),
-                   reverse=True)
+    whole = sorted(((math.prod(s.shape), jax.tree_util.keystr(path)) for path, s in leaves
+                    if not any(s.sharding.spec)), reverse=True)
     total = sum(math.prod(s.shape) for _, s in leaves)
     return [name for _, name in whole], sum(size for size, _ in whole) / total
+
+
+def memory_report(state: TrainState, mem: Any) -> dict[str, int]:
+    """Per-device bytes: the state's shards, and XLA's buffer assignment; peak = live inputs, outputs not
+    aliased to a donated input, and temporaries."""
+    memory = {
+        "parameters": _state_bytes(state.params), "ema": _state_bytes(state.ema),
+        "optimizer_state": _state_bytes(state.opt_state),
+        "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+        "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+        "generated_code": mem.generated_code_size_in_bytes,
+    }
+    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
+                       + memory["generated_code"])
+    return memory
 
 
 def plan(config: ml_collections.ConfigDict, chip: Chip) -> dict[str, Any]:
@@ -162,20 +177,10 @@ def plan(config: ml_collections.ConfigDict, chip: Chip) -> dict[str, Any]:
     lowered, state = lower_train_step(config, mesh, rules)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
+    memory = memory_report(state, compiled.memory_analysis())
     flops_dev, bytes_dev = per_device_costs(config, mesh, rules, compiled)
     plan_s = time.perf_counter() - t0
     model_cfg = mup.plan_for(config, model_config(config)).model_cfg
-
-    memory = {
-        "parameters": _state_bytes(state.params), "ema": _state_bytes(state.ema),
-        "optimizer_state": _state_bytes(state.opt_state),
-        "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
-        "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
-        "generated_code": mem.generated_code_size_in_bytes,
-    }
-    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
-                       + memory["generated_code"])
     shape = dict(mesh.shape)
     full_param_bytes = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(state.params))
     comm = costs.communication_bytes(full_param_bytes, shape, model_cfg, tr.global_batch_size, tr.grad_accum_steps)
@@ -193,7 +198,8 @@ def plan(config: ml_collections.ConfigDict, chip: Chip) -> dict[str, Any]:
                         f"any of their dimensions (largest: {unsharded[0]}); try data=K,fsdp=N/K")
     return {
         "config": {"mesh": {a: shape[a] for a in MESH_AXES}, "rules": config.mesh.rules,
-                   "custom_rules": config.mesh.custom_rules, "rule_list": format_rules(rules), "devices": n, "chip": chip.name,
+                   "custom_rules": config.mesh.custom_rules, "rule_list": format_rules(rules), "devices": n,
+                   "chip": chip.name,
                    "global_batch_size": tr.global_batch_size, "grad_accum_steps": tr.grad_accum_steps,
                    "model": dataclasses.asdict(model_cfg)},
         "num_params": int(sum(math.prod(s.shape) for s in jax.tree.leaves(state.params))),

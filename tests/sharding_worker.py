@@ -3,9 +3,9 @@
 Trains the tiny config for STEPS steps on one device and on 8 devices with each rule preset, through the
 trainer's own pieces (init in shardings, jitted step, batches assembled with
 make_array_from_process_local_data) under ``jax.transfer_guard_device_to_host("disallow")``, so any
-implicit copy of device data to the host (a host gather of the state) fails the run. Then saves the FSDP state and restores it
-onto data=2,fsdp=4 and onto one device, and runs a per-shard kernel through ``shard_over_mesh``. Writes
-what the tests assert on as JSON.
+implicit copy of device data to the host (a host gather of the state) fails the run. Then saves the FSDP
+state and restores it onto data=2,fsdp=4 and onto one device, and runs a per-shard kernel through
+``shard_over_mesh``. Writes what the tests assert on as JSON.
 """
 from __future__ import annotations
 

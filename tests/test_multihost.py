@@ -59,6 +59,36 @@ def test_two_processes_train_and_one_process_resumes(tmp_path):
     np.testing.assert_allclose([m["loss"] for m in rows], [reference[m["step"] - 1] for m in rows], rtol=LOSS_RTOL)
 
 
+_MESH_PROBE = """
+import sys, jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from configs.default import get_config
+from ditjax.parallel.mesh import batch_sharding, make_mesh, resolve_rules
+c = get_config()
+c.mesh.update(data=1, fsdp=-1, dcn_data=2, rules="fsdp")
+mesh = make_mesh(c.mesh)
+print("rows", [[d.process_index for d in row] for row in mesh.devices.reshape(2, 4)])
+batch_sharding(mesh, resolve_rules(c.mesh), 4)
+c.mesh.update(fsdp=1, tensor=-1, dcn_data=1)
+try:
+    batch_sharding(make_mesh(c.mesh), resolve_rules(c.mesh), 4)
+except ValueError as err:
+    print("refused:", err)
+"""
+
+
+@pytest.mark.slow
+def test_dcn_axis_spans_processes_and_batch_must_separate_hosts():
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", _MESH_PROBE, coordinator, str(i)], cwd=REPO, env=device_env(4),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for i, p in enumerate(procs):
+        out = p.communicate(timeout=300)[0]
+        check(p, out, f"process {i}")
+        assert "rows [[0, 0, 0, 0], [1, 1, 1, 1]]" in out  # dcn_data=2: one process per data row
+        assert "refused: the batch is split" in out  # tensor=8 across both hosts: no rows of their own
+
+
 def test_initialize_reads_flags_or_environment(monkeypatch):
     calls = []
     monkeypatch.setattr(multihost.jax.distributed, "initialize", lambda *a: calls.append(a))

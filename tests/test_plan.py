@@ -43,6 +43,7 @@ def test_plan_cli_reports_sane_numbers_for_8_devices(tmp_path):
     assert 0 < report["est_mfu"] <= 1
 
 
+@pytest.mark.slow
 def test_fits_follows_the_chip_memory():
     config = get_config()
     config.update_from_flattened_dict(TINY)

@@ -32,11 +32,13 @@ def test_rules_prefer_width_and_fall_back_when_it_does_not_divide():
     assert logical_to_spec(("embed", "mlp"), FSDP, xl_256, (1152, 4608)) == P(None, "fsdp")
     assert logical_to_spec(("layers", "embed", "adaln"), FSDP, xl_256, (28, 1152, 6912)) == P(None, None, "fsdp")
     # Nothing divides: replicated rather than an error.
-    assert logical_to_spec(("embed", None, "heads", "head_dim"), FSDP, xl_256, (1152, 3, 16, 72)) == P(None, None, None, None)
+    spec = logical_to_spec(("embed", None, "heads", "head_dim"), FSDP, xl_256, (1152, 3, 16, 72))
+    assert spec == P(None, None, None, None)
 
 
 def test_activation_batch_takes_fsdp_before_width():
-    assert logical_to_spec(("batch", "tokens", "embed"), FSDP, MESH, (64, 256, 1152)) == P(("data", "fsdp", "expert"), None, None)
+    spec = logical_to_spec(("batch", "tokens", "embed"), FSDP, MESH, (64, 256, 1152))
+    assert spec == P(("data", "fsdp", "expert"), None, None)
     tp = {**MESH, "fsdp": 4, "tensor": 2}
     spec = logical_to_spec(("batch", "tokens", "heads", "head_dim"), RULE_PRESETS["fsdp_tp"], tp, (64, 256, 16, 72))
     assert spec == P(("data", "fsdp", "expert"), None, "tensor", None)

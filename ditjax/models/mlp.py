@@ -22,7 +22,14 @@ class Mlp(nnx.Module):
         self.fc2 = Dense(mlp_hidden, hidden_size, in_axes=("mlp",), out_axes=("embed",), **kw)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True)), jnp.zeros((), jnp.float32)
+        return self.fc2(_gelu(self.fc1(x))), jnp.zeros((), jnp.float32)
+
+
+@jax.checkpoint
+def _gelu(h: jax.Array) -> jax.Array:
+    """tanh-GELU whose output the backward pass recomputes from its input rather than stores: one
+    elementwise pass saves an [B, T, mlp_hidden] activation per layer."""
+    return jax.nn.gelu(h, approximate=True)
 
 
 MLP_TYPES = {"dense": Mlp}

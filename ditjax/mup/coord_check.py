@@ -8,7 +8,7 @@ The summary is the slope of log mean|x| vs log width at the last step.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,18 +33,35 @@ def width_config(config: ml_collections.ConfigDict, width: int, parametrization:
     if width % head_dim:
         raise ValueError(f"width {width} is not a multiple of the base head dim {head_dim}")
     c = ml_collections.ConfigDict(config.to_dict())
-    c.model.update(hidden_size=width, num_heads=width // head_dim)
+    c.model.update(hidden_size=width, num_heads=width // head_dim, scan_layers=False)  # blocks tapped one by one
     c.mup.parametrization = parametrization
     return c
 
 
+class _Tap(nnx.Module):
+    """Forward hook: calls ``inner`` and hands its (first) output to ``record`` under ``name``."""
+
+    def __init__(self, inner: nnx.Module, name: str, record: Callable[[str, jax.Array], None]):
+        self.inner, self.name, self.record = inner, name, record
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        self.record(self.name, out[0] if isinstance(out, tuple) else out)
+        return out
+
+
 def _activations(model: DiT, x: jax.Array, t: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+    """mean|x| of the embeddings, each block's attention and MLP branch and output, and the model output."""
+    acts: dict[str, jax.Array] = {}
+    for i, block in enumerate(model.blocks):
+        block.attn = _Tap(block.attn, f"block{i}.attn", lambda k, v: acts.__setitem__(k, v))
+        block.mlp = _Tap(block.mlp, f"block{i}.mlp", lambda k, v: acts.__setitem__(k, v))
     depth = model.cfg.depth
     out = model(x, t, y, capture_hidden=range(depth))
-    acts = {"embed": model.x_embedder(x), "cond": model.t_embedder(t) + model.y_embedder(y)}
-    acts.update({f"block{i}": out.hidden[i] for i in range(depth)})
+    acts.update({"embed": model.x_embedder(x), "cond": model.t_embedder(t) + model.y_embedder(y)})
+    acts.update({f"block{i}.out": out.hidden[i] for i in range(depth)})
     acts["output"] = out.output
-    return {k: jnp.abs(v).mean() for k, v in acts.items()}
+    return {k: jnp.abs(v).mean() for k, v in sorted(acts.items())}
 
 
 def record_width(config: ml_collections.ConfigDict, batches: Sequence[dict], seed: int) -> dict[str, list[float]]:

@@ -5,8 +5,10 @@
 | v5e | 197 TFLOP/s | 16 GiB | 819 GB/s | ICI 200 GB/s (400 GB/s bidirectional) | cloud.google.com/tpu/docs/v5e |
 | v5p | 459 TFLOP/s | 95 GB | 2765 GB/s | ICI 600 GB/s (4800 Gbps) | cloud.google.com/tpu/docs/v5p |
 | v6e | 918 TFLOP/s | 32 GB | 1638 GB/s | ICI 400 GB/s (800 GB/s bidirectional) | cloud.google.com/tpu/docs/v6e |
-| h100 | 989 TFLOP/s | 80 GB | 3.35 TB/s | NVLink 450 GB/s in a node of 8; 50 GB/s (400 Gb/s IB) across | NVIDIA H100 SXM data sheet |
-| h200 | 989 TFLOP/s | 141 GB | 4.8 TB/s | NVLink 450 GB/s in a node of 8; 50 GB/s (400 Gb/s IB) across | NVIDIA H200 SXM data sheet |
+| h100 | 989 TFLOP/s | 80 GB | 3.35 TB/s | NVLink 450 GB/s in a node of 8; IB 50 GB/s across | H100 SXM data sheet |
+| h200 | 989 TFLOP/s | 141 GB | 4.8 TB/s | NVLink 450 GB/s in a node of 8; IB 50 GB/s across | H200 SXM data sheet |
+
+NVLink 4 is 900 GB/s bidirectional per GPU; across nodes each GPU has one 400 Gb/s InfiniBand NIC.
 
 The v5e data sheet says "16 GB"; the chip has 16 GiB, of which the runtime reserves a little (JAX reports
 about 15.75 GiB usable). Peak FLOP/s come from :data:`ditjax.train.metrics.CHIP_PEAK_FLOPS`, the table the

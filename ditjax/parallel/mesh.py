@@ -41,8 +41,8 @@ def mesh_shape(cfg: Mapping, num_devices: int) -> dict[str, int]:
 def make_mesh(cfg: Mapping, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh over all devices (ICI axes inside a slice, DCN axes across slices), Auto axis types.
 
-    Slices are TPU slices where devices report ``slice_index``; elsewhere (GPU nodes, CPU processes)
-    each process is one DCN granule.
+    The DCN granules are TPU slices where devices report several ``slice_index`` values; otherwise (GPU
+    nodes, CPU processes) each process is one granule.
     """
     devices = list(devices or jax.devices())
     total = mesh_shape(cfg, len(devices))
@@ -51,7 +51,7 @@ def make_mesh(cfg: Mapping, devices: Sequence[jax.Device] | None = None) -> Mesh
     if math.prod(dcn) > 1:
         array = mesh_utils.create_hybrid_device_mesh(
             ici, dcn, devices=devices, allow_split_physical_axes=True,
-            process_is_granule=not hasattr(devices[0], "slice_index"))
+            process_is_granule=len({getattr(d, "slice_index", 0) for d in devices}) == 1)
     else:
         try:
             array = mesh_utils.create_device_mesh(ici, devices=devices, allow_split_physical_axes=True)
