@@ -77,7 +77,7 @@ def render_script(job: SlurmJob, train: Sequence[str], job_name: str, log_path: 
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in (*options, *job.sbatch_options)),
              "# One process per node drives all of its GPUs; the first node coordinates.",
              "set -euo pipefail", *job.setup,
-             'COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+             'COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
              'export COORDINATOR_ADDRESS="${COORDINATOR_HOST}:$((20000 + SLURM_JOB_ID % 20000))"',
              f"{_SRUN} {shlex.join(train)}"]
     return "\n".join(lines) + "\n"

@@ -321,7 +321,7 @@ def test_slurm_dry_run_exact_script(capsys):
         #SBATCH --account=proj
         # One process per node drives all of its GPUs; the first node coordinates.
         set -euo pipefail
-        COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+        COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
         export COORDINATOR_ADDRESS="${COORDINATOR_HOST}:$((20000 + SLURM_JOB_ID % 20000))"
         {srun}
         sbatch /shared/r/job.sbatch

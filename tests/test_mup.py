@@ -103,16 +103,20 @@ def test_validation_requires_base_shape():
         validate(c, num_devices=1, check_data=False)
 
 
-def _loss_fn(model_cfg, batch):
+def _dit_params(model_cfg, seed=0):
+    """The reference DiT init as a pure dict (jitted: eager init is slow on a busy CPU)."""
+    return jax.jit(lambda: nnx.to_pure_dict(nnx.state(DiT(model_cfg, rngs=nnx.Rngs(seed)))))()
+
+
+def _forward(model_cfg, params, batch):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(model_cfg, rngs=nnx.Rngs(0))))
 
-    def loss(params):
+    def apply(params):
         s = jax.tree.map(lambda v: v, state)
         nnx.replace_by_pure_dict(s, params)
-        out = nnx.merge(graphdef, s)(batch["image"], batch["t"], batch["label"]).output
-        return jnp.mean((out - batch["target"]) ** 2)
+        return nnx.merge(graphdef, s)(batch["image"], batch["t"], batch["label"]).output
 
-    return loss
+    return apply(params) if params is not None else apply
 
 
 def _train(config, params, batch, steps=3):
@@ -120,11 +124,17 @@ def _train(config, params, batch, steps=3):
     config.optim.update(lr=1e-2, weight_decay=0.1)
     tx, _ = make_optimizer(config.optim, steps, lr_multipliers=plan.lr_multipliers,
                            wd_multipliers=plan.wd_multipliers)
-    grad = jax.jit(jax.grad(_loss_fn(plan.model_cfg, batch)))
+    apply = _forward(plan.model_cfg, None, batch)
+
+    @jax.jit
+    def step(params, opt_state):
+        grads = jax.grad(lambda p: jnp.mean((apply(p) - batch["target"]) ** 2))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
     opt_state = tx.init(params)
     for _ in range(steps):
-        updates, opt_state = tx.update(grad(params), opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, opt_state = step(params, opt_state)
     return params
 
 
@@ -135,34 +145,33 @@ def _batch(key=0, n=4):
 
 
 def test_at_base_width_mup_and_sp_take_identical_steps():
-    mup_cfg = _config(width=BASE_D)
+    mup_cfg = _config(width=BASE_D, scan=True)  # scanned: one block to compile
     plan = _plan(mup_cfg)
     assert set(jax.tree.leaves(plan.lr_multipliers)) == {1.0} == set(jax.tree.leaves(plan.wd_multipliers))
     assert plan.model_cfg.readout_scale == 1.0
-    params = plan.params_init(nnx.to_pure_dict(nnx.state(DiT(plan.model_cfg, rngs=nnx.Rngs(0)))),
-                              jax.random.PRNGKey(1))
+    params = jax.jit(plan.params_init)(_dit_params(plan.model_cfg), jax.random.PRNGKey(1))
     batch = _batch()
     after_mup = _train(mup_cfg, params, batch)
-    after_sp = _train(_config(width=BASE_D, parametrization="sp"), params, batch)
+    after_sp = _train(_config(width=BASE_D, parametrization="sp", scan=True), params, batch)
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), after_mup, params)
     assert all(jax.tree.leaves(moved))  # every parameter was updated (so the check is not vacuous)
     jax.tree.map(np.testing.assert_array_equal, after_mup, after_sp)
 
 
 def test_mup_init_differs_from_dit_init():
-    plan = _plan(_config(width=4 * BASE_D))
-    dit = nnx.to_pure_dict(nnx.state(DiT(plan.model_cfg, rngs=nnx.Rngs(0))))
-    ours = _flat(plan.params_init(dit, jax.random.PRNGKey(0)))
+    plan = _plan(_config(width=4 * BASE_D, scan=True))
+    dit = _dit_params(plan.model_cfg)
+    ours = _flat(jax.jit(plan.params_init)(dit, jax.random.PRNGKey(0)))
     dit = _flat(dit)
     roles = _flat(plan.roles, leaf=lambda x: isinstance(x, mup.ParamRole))
     d = 4 * BASE_D
     # DiT zeroes every adaLN; DiT-μP draws them N(0, 1/fan_in). DiT's tables are N(0, 0.02²), μP's N(0, 1).
-    for path in ("blocks/0/modulation/kernel", "final_layer/modulation/kernel"):
+    for path in ("blocks/modulation/kernel", "final_layer/modulation/kernel"):
         assert not np.any(dit[path])
         assert np.std(ours[path]) == pytest.approx(d ** -0.5, rel=0.1)
     assert np.std(dit["y_embedder/embedding_table"]) == pytest.approx(0.02, rel=0.2)
     assert np.std(ours["y_embedder/embedding_table"]) == pytest.approx(1.0, rel=0.2)
-    assert np.std(ours["blocks/1/mlp/fc2/kernel"]) == pytest.approx((4 * d) ** -0.5, rel=0.1)
+    assert np.std(ours["blocks/mlp/fc2/kernel"]) == pytest.approx((4 * d) ** -0.5, rel=0.1)
     assert np.std(ours["x_embedder/proj/kernel"]) == pytest.approx(16 ** -0.5, rel=0.2)
     for path, role in roles.items():
         if role.role in ("output", "vector"):
@@ -172,21 +181,16 @@ def test_mup_init_differs_from_dit_init():
 def test_fold_readout_gives_plain_dit_with_same_output():
     plan = _plan(_config(width=4 * BASE_D, scan=True))
     assert plan.model_cfg.readout_scale == pytest.approx(0.25)
-    params = nnx.to_pure_dict(nnx.state(DiT(plan.model_cfg, rngs=nnx.Rngs(0))))
-    params = jax.tree.map(lambda a: jax.random.normal(jax.random.PRNGKey(a.size), a.shape) * 0.1, params)
+    shapes = jax.eval_shape(lambda: _dit_params(plan.model_cfg))
+    params = jax.tree.map(lambda a: 0.1 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape), shapes)
     batch = _batch(n=3)
-
-    def forward(model_cfg, p):
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(model_cfg, rngs=nnx.Rngs(0))))
-        nnx.replace_by_pure_dict(state, p)
-        return nnx.merge(graphdef, state)(batch["image"], batch["t"], batch["label"]).output
-
     folded, plain = mup.fold_readout(params, plan.model_cfg)
     assert plain == dataclasses.replace(plan.model_cfg, readout_scale=1.0)
-    want = forward(plan.model_cfg, params)
+    want = jax.jit(_forward(plan.model_cfg, None, batch))(params)
+    plain_forward = jax.jit(_forward(plain, None, batch))
     assert float(jnp.abs(want).mean()) > 1e-2  # a nonzero readout, so the multiplier matters
-    np.testing.assert_allclose(forward(plain, folded), want, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(forward(plain, params), want)  # without folding the plain DiT differs
+    np.testing.assert_allclose(plain_forward(folded), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain_forward(params), want)  # without folding the plain DiT differs
 
 
 def test_coord_check_flat_under_mup_growing_under_sp():

@@ -38,6 +38,15 @@ class ModelOutput:
     aux_loss: jax.Array  # sum of MLP-slot auxiliary losses (MoE load balance); 0 for dense
 
 
+def _residual(x: jax.Array) -> jax.Array:
+    """Materialise the residual stream, and (the barrier's transpose) its gradient in the backward pass.
+
+    Without it XLA:CPU fuses the gradient's running sum over all blocks into each transposing copy
+    that feeds a weight-gradient matmul, recomputing it there: 60% of a DiT-S fp32 step on oneDNN.
+    """
+    return jax.lax.optimization_barrier(x)
+
+
 class DiTBlock(nnx.Module):
     """x += g1·Attn(mod(LN x)); x += g2·MLP(mod(LN x)), with (shift, scale, gate)×2 from adaLN(c)."""
 
@@ -51,9 +60,9 @@ class DiTBlock(nnx.Module):
     def __call__(self, x: jax.Array, c: jax.Array, return_logits: bool = False):
         sh1, sc1, g1, sh2, sc2, g2 = jnp.split(self.modulation(nnx.silu(c)), 6, axis=-1)
         attn_out, logits = self.attn(modulate(layer_norm(x), sh1, sc1), return_logits)
-        x = constrain(x + g1[:, None] * attn_out, ACTIVATION_AXES)
+        x = _residual(constrain(x + g1[:, None] * attn_out, ACTIVATION_AXES))
         mlp_out, aux = self.mlp(modulate(layer_norm(x), sh2, sc2))
-        return constrain(x + g2[:, None] * mlp_out, ACTIVATION_AXES), aux, logits
+        return _residual(constrain(x + g2[:, None] * mlp_out, ACTIVATION_AXES)), aux, logits
 
 
 class FinalLayer(nnx.Module):

@@ -178,7 +178,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 history.append(metrics["loss"])
                 writer.write(step, metrics)
                 log.info(_format(step, tr.num_steps, metrics))
-            stop = preemption.agreed()
+            # Multi-host agreement is a collective: ask only at log steps so pods don't sync every step.
+            stop = preemption.agreed() if jax.process_count() == 1 or step % tr.log_every == 0 else False
             if step % tr.checkpoint_every == 0 or step == tr.num_steps or stop:
                 manager.save(step, state.to_checkpoint(), data.get_state(), force=stop)
             if tr.sample_every and step % tr.sample_every == 0 and step < tr.num_steps:
