@@ -1,6 +1,7 @@
 """Digit evaluator: Fréchet distance maths, the cached classifier, and the metrics on real and noise images."""
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -94,13 +95,24 @@ def test_load_real_digits_layout():
 
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("ditjax_cache")
+    """One cache per test run, shared by all pytest-xdist workers (same run id, common base temp dir)."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:
+        return tmp_path_factory.mktemp("ditjax_cache")
+    shared = tmp_path_factory.getbasetemp().parent / f"ditjax_cache_{run_id}"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture(scope="session")
 def classifier(cache_root):
+    # Trained by whichever worker takes the lock first; the others load it from the cache: one fit per run.
+    import fcntl
+
     start = time.perf_counter()
-    clf = digits.load_digit_classifier(cache_root, epochs=TEST_EPOCHS)
+    with open(cache_root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        clf = digits.load_digit_classifier(cache_root, epochs=TEST_EPOCHS)
     print(f"\ntrained digit classifier ({TEST_EPOCHS} epochs) in {time.perf_counter() - start:.1f}s, "
           f"held-out accuracy {clf.heldout_accuracy:.4f}, FD real halves {clf.frechet_distance_real_halves:.2f}")
     return clf
