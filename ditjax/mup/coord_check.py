@@ -1,8 +1,8 @@
 """Coordinate check: does every activation's size stay put as width grows (μP) or blow up (SP)?
 
 For each parametrization and width we train a few steps from the same data, recording before each
-update the mean |x| of the token embeddings, the conditioning vector, every block's output and the
-model's output (mup's ``get_coord_data`` with ``l1`` statistics). Under μP each curve against width is
+update the mean |x| of the patch embedding, the conditioning vector, each block's attention and MLP
+branch and output, and the model's output (mup's ``get_coord_data`` with ``l1`` statistics). Under μP each curve against width is
 flat; under SP with Adam, hidden activations grow ~linearly in width once the weights have moved.
 The summary is the slope of log mean|x| vs log width at the last step.
 """
