@@ -4,18 +4,19 @@ Call :func:`configure` first thing in an entry point, before jax is imported (XL
 once, and malloc settings must precede the threads that would create their own arenas). Everything
 here only changes speed and memory, never results beyond floating-point summation order.
 
-Why (measured on a 2-core AVX-512/AVX512-BF16 host, docs/benchmarks.md):
+Why (measured on a 2-core Xeon with AVX-512, AVX512-BF16 and AMX, docs/benchmarks.md):
 
-* XLA:CPU allocates each step's scratch buffer (GBs for a DiT) with malloc and frees it afterwards.
+* XLA:CPU allocates each step's scratch buffers (GBs for a DiT) with malloc and frees them after.
   glibc serves blocks that large with mmap and returns them on free, so every step faults in and
-  zeroes GBs of fresh pages: seconds of kernel time per step. Keeping the heap (no mmap, no trim,
-  one arena so worker threads share it) reuses the pages, as tcmalloc does, without tcmalloc's
-  larger peak. Opt out with ``DITJAX_NO_MALLOC_TUNING=1``.
-* jax 0.12 sends CPU dots to YNNPACK, which has no fast bf16 path for every layout (weight
-  gradients fall back to Eigen, which converts bf16 element by element). oneDNN's matmul uses
-  AVX512-BF16 for all of them. The concurrency-optimised scheduler keeps more buffers live at once
-  (+25% scratch) for little gain on few cores. Opt out with ``DITJAX_NO_XLA_DEFAULTS=1``; any flag
-  already in ``XLA_FLAGS`` wins over these defaults.
+  zeroes GBs of fresh pages: ~2 s of kernel time per DiT-S/2 step. ``DITJAX_MALLOC_TUNING=1`` keeps
+  them in one heap instead (no mmap, no trim, one arena so worker threads share it) and reuses the
+  pages, as tcmalloc does; it is opt-in because the heap fragments: peak RSS rose by ~3.5 GB.
+* jax 0.12 sends CPU dots to YNNPACK, whose bf16 matmuls ran 3-7x slower than oneDNN's here, and
+  which leaves the weight-gradient layout (lhs contracted on its major dim) to Eigen, slower still
+  in bf16. With YNNPACK off and oneDNN custom calls on, every dot goes to oneDNN: a DiT-S/2 block's
+  fwd+bwd took 6x less time in bf16 and 20% less in fp32. The concurrency-optimised scheduler keeps
+  more buffers live at once (+25% scratch) for nothing measurable on few cores.
+  Opt out with ``DITJAX_NO_XLA_DEFAULTS=1``; any flag already in ``XLA_FLAGS`` wins over these.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
 def configure() -> None:
-    """Apply both defaults unless opted out; safe to call more than once."""
-    if not os.environ.get("DITJAX_NO_MALLOC_TUNING"):
+    """Apply the XLA defaults unless opted out, and the malloc tuning if opted in."""
+    if os.environ.get("DITJAX_MALLOC_TUNING") == "1":
         tune_glibc_malloc()
     if not os.environ.get("DITJAX_NO_XLA_DEFAULTS"):
         os.environ["XLA_FLAGS"] = with_xla_defaults(os.environ.get("XLA_FLAGS", ""))
@@ -67,6 +68,6 @@ def allocator() -> str:
 
 def describe() -> str:
     """One token each for the allocator and XLA flags, for benchmark lines."""
-    tuned = allocator() == "glibc" and not os.environ.get("DITJAX_NO_MALLOC_TUNING")
+    tuned = allocator() == "glibc" and os.environ.get("DITJAX_MALLOC_TUNING") == "1"
     flags = os.environ.get("XLA_FLAGS", "").replace(" ", ",") or "-"
     return f"allocator={allocator()}{'+tuned' if tuned else ''} xla_flags={flags}"
