@@ -2,7 +2,7 @@
 
 Widths grow by adding heads at head dim 16 (as DiT-μP does at 72); the base width is the smallest,
 so μP and SP use the same learning rates there and differ only by init. Small enough for a 2-core CPU
-(64 runs, see docs/mup.md):
+(72 runs, see docs/mup.md):
 
     python launch/sweep.py --config configs/mup_transfer.py --backend local --parallel 2 --sweep-dir DIR
     python launch/sweep.py report --sweep-dir DIR --x optim.lr --group model.hidden_size \
@@ -16,7 +16,7 @@ from ditjax import sweep as hyper
 
 HEAD_DIM = 16
 WIDTHS = (32, 64, 128, 256)
-LOG2_LRS = (-11, -4)  # inclusive: 8 points
+LOG2_LRS = (-11, -3)  # inclusive: 9 points
 
 
 def get_config(arg=None):

@@ -6,6 +6,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -103,6 +104,26 @@ def test_validation_requires_base_shape():
         validate(c, num_devices=1, check_data=False)
 
 
+def test_transfer_sweep_config():
+    from pathlib import Path
+
+    from ditjax import sweep as hyper
+
+    spec = str(Path(__file__).resolve().parents[1] / "configs" / "mup_transfer.py")
+    points = hyper.load_sweep(spec)
+    widths = sorted({p["model.hidden_size"] for p in points})
+    assert len(points) >= 56 and len({p["optim.lr"] for p in points}) >= 7 and widths[-1] >= 8 * widths[0]
+    config = hyper.load_config_module(Path(spec)).get_config()
+    assert config.mup.base_hidden_size == widths[0]
+    for p in points:
+        c = ml_collections.ConfigDict(config.to_dict())
+        for key, value in p.items():
+            section, name = key.split(".")
+            c[section][name] = value
+        assert c.model.hidden_size // c.model.num_heads == 16  # heads grow, head dim fixed
+        validate(c, num_devices=1)
+
+
 def _dit_params(model_cfg, seed=0):
     """The reference DiT init as a pure dict (jitted: eager init is slow on a busy CPU)."""
     return jax.jit(lambda: nnx.to_pure_dict(nnx.state(DiT(model_cfg, rngs=nnx.Rngs(seed)))))()
@@ -149,6 +170,11 @@ def test_at_base_width_mup_and_sp_take_identical_steps():
     plan = _plan(mup_cfg)
     assert set(jax.tree.leaves(plan.lr_multipliers)) == {1.0} == set(jax.tree.leaves(plan.wd_multipliers))
     assert plan.model_cfg.readout_scale == 1.0
+    is_role = lambda x: isinstance(x, mup.ParamRole)  # noqa: E731
+    wide = _plan(_config(width=2 * BASE_D, scan=True))
+    # roles come from a delta model, so the readout is still zero-init "output" at m = 1
+    assert ({k: r.role for k, r in _flat(plan.roles, is_role).items()}
+            == {k: r.role for k, r in _flat(wide.roles, is_role).items()})
     params = jax.jit(plan.params_init)(_dit_params(plan.model_cfg), jax.random.PRNGKey(1))
     batch = _batch()
     after_mup = _train(mup_cfg, params, batch)
