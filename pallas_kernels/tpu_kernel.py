@@ -45,6 +45,20 @@ def _valid(start: jax.Array, shape: tuple[int, int], axis: int, seq_len: int) ->
     return start + lax.broadcasted_iota(jnp.int32, shape, axis) < seq_len
 
 
+def _kv_block_logits(q_ref, k_ref, v_ref, kv_start: jax.Array, *, sm_scale: float, seq_len: int, ragged: bool,
+                     precision) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """This K/V block (rows past ``seq_len`` zeroed, so padding never reaches a valid row) and the
+    scaled logits of the Q block against it (columns past ``seq_len`` at -inf)."""
+    k, v = k_ref[...], v_ref[...]
+    if ragged:
+        rows_ok = _valid(kv_start, k.shape, 0, seq_len)
+        k, v = jnp.where(rows_ok, k, 0), jnp.where(rows_ok, v, 0)
+    s = _dot(q_ref[...], k, NT, precision) * sm_scale
+    if ragged:
+        s = jnp.where(_valid(kv_start, s.shape, 1, seq_len), s, -jnp.inf)
+    return k, v, s
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
                 sm_scale: float, seq_len: int, ragged: bool, precision):
     j = pl.program_id(3)
@@ -56,13 +70,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
         l_scr[...] = jnp.zeros_like(l_scr)
         acc_scr[...] = jnp.zeros_like(acc_scr)
 
-    k, v = k_ref[...], v_ref[...]
-    if ragged:
-        rows_ok = _valid(j * block_kv, k.shape, 0, seq_len)
-        k, v = jnp.where(rows_ok, k, 0), jnp.where(rows_ok, v, 0)
-    s = _dot(q_ref[...], k, NT, precision) * sm_scale
-    if ragged:
-        s = jnp.where(_valid(j * block_kv, s.shape, 1, seq_len), s, -jnp.inf)
+    k, v, s = _kv_block_logits(q_ref, k_ref, v_ref, j * block_kv, sm_scale=sm_scale, seq_len=seq_len,
+                               ragged=ragged, precision=precision)
     # m and l are kept lane-replicated (block_q, 128): the layout Mosaic broadcasts cheaply.
     m_prev = m_scr[...]
     m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
@@ -89,13 +98,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_scr,
     def _init():
         acc_scr[...] = jnp.zeros_like(acc_scr)
 
-    k, v = k_ref[...], v_ref[...]
-    if ragged:
-        rows_ok = _valid(j * block_kv, k.shape, 0, seq_len)
-        k, v = jnp.where(rows_ok, k, 0), jnp.where(rows_ok, v, 0)
-    s = _dot(q_ref[...], k, NT, precision) * sm_scale
-    if ragged:
-        s = jnp.where(_valid(j * block_kv, s.shape, 1, seq_len), s, -jnp.inf)
+    k, v, s = _kv_block_logits(q_ref, k_ref, v_ref, j * block_kv, sm_scale=sm_scale, seq_len=seq_len,
+                               ragged=ragged, precision=precision)
     p = jnp.exp(s - lse_ref[0][:, None])
     dp = _dot(do_ref[...], v, NT, precision)
     ds = p * (dp - delta_ref[0][:, None])

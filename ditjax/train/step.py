@@ -88,7 +88,7 @@ def make_train_step(graphdef: nnx.GraphDef, abstract_state: nnx.State, objective
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(state.step, train_cfg.ema_decay, train_cfg.ema_warmup)
         ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         new = TrainState(step=state.step + 1, params=params, ema=ema, opt_state=opt_state, rng=state.rng)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         if train_cfg.nan_guard:  # a non-finite step leaves the state untouched; the loop then stops
