@@ -10,7 +10,6 @@ their latents and say so.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import numpy as np
@@ -86,5 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ditjax.logs import setup_logging
+    setup_logging()
     sys.exit(main())

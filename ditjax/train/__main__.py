@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -17,12 +16,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> int:
     del argv
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/TFDS narrate every save and read at INFO
-    logging.root.removeHandler(absl_logging.get_absl_handler())  # one handler (stdout), one line per record
-    for noisy in ("absl", "jax", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("ditjax").setLevel(logging.INFO)  # absl lowered the root level; keep our progress lines
+    from ditjax.logs import setup_logging
+    setup_logging()
     from ditjax.parallel.multihost import initialize
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax
@@ -42,5 +37,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     app.run(main)
