@@ -19,10 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Code-generation effort only: halves compile time, the same HLO runs (all runs in a test share it).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
-# configs/default.py shrunk to seconds per compile. A constant schedule makes the loss at step k
-# independent of train.num_steps, so a resumed run can be compared with an uninterrupted one.
+# configs/default.py shrunk to seconds per compile, in float32 so that sharded and single-device losses
+# differ only by reduction order. A constant schedule makes the loss at step k independent of
+# train.num_steps, so a resumed run can be compared with an uninterrupted one.
 TINY = {
-    "model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2,
+    "model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2, "model.dtype": "float32",
     "train.global_batch_size": 16, "optim.schedule": "constant",
 }
 # Float32 losses of sharded runs differ from one device only by reduction order (observed ≤ 1e-6).

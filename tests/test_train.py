@@ -47,6 +47,8 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
     steps = ["--config.train.num_steps=8", "--config.train.checkpoint_every=2"]
     reference = run(tmp_path / "reference", *steps)
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    # The CLI applied its CPU defaults (ditjax.runtime) before JAX started: oneDNN dots, malloc reuse.
+    assert "onednn_custom_call=true" in reference.stdout and "allocator=glibc+reuse" in reference.stdout
 
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(workdir, *steps), cwd=ROOT, stdout=subprocess.DEVNULL,

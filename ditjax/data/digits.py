@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
+import logging
 import os
 import tempfile
 from typing import Iterator
@@ -24,6 +26,8 @@ from PIL import Image
 
 from ditjax.data.preprocess import decode_image
 from ditjax.data.tfds_source import open_image_source, resolve_data_dir
+
+log = logging.getLogger(__name__)
 
 NAME = "ditjax_digits"
 NUM_CLASSES = 10
@@ -118,7 +122,10 @@ def prepare_digits(data_dir: str = "") -> bool:
         builder = DitjaxDigits(data_dir=data_dir, file_format="array_record")
         if builder.is_prepared():
             return False
-        with tempfile.TemporaryDirectory() as scratch:  # keeps TFDS's empty downloads/ out
+        log.info("writing the bundled digits as array_record to %s (once)", builder.data_dir)
+        # TFDS narrates a download that does not happen (progress bars, "Downloading…" prints): keep it quiet.
+        tfds.display_progress_bar(False)
+        with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare(
                 download_dir=scratch,
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False),

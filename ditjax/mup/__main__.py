@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,5 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
+    from ditjax import runtime
+    from ditjax.logs import setup_logging
+    runtime.configure()
+    setup_logging()
     sys.exit(main())
