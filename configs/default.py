@@ -17,6 +17,7 @@ def get_config():
     c = base_config()
     c.model.update(input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
                    num_classes=10, learn_sigma=False, class_dropout_prob=0.1, dtype="bfloat16")
+    c.data.cache_decoded = True  # 5 MB decoded: reading and PNG-decoding each batch cost 6% of the step
     c.objective.update(name="flow", convention="sit", time_sampling="logit_normal", time_scale=1000.0)
     c.optim.update(lr=1e-3, b2=0.99, schedule="warmup_cosine", warmup_steps=100, end_lr=1e-4, grad_clip=1.0)
     c.train.update(global_batch_size=64, num_steps=2400, ema_decay=0.998, ema_warmup=True, log_every=100,

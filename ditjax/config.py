@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 from ditjax.data.config import default_data_config
@@ -197,6 +198,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
                  f"{model_shape}; set model.input_size and model.in_channels to match the data")
         _require(info.num_classes == mc.num_classes,
                  f"the data have {info.num_classes} classes but model.num_classes={mc.num_classes}")
+        if config.data.cache_decoded:
+            _check_decoded_cache_fits(config.data, info)
+
+
+def _check_decoded_cache_fits(data: ml_collections.ConfigDict, info: Any) -> None:
+    import psutil
+
+    _require(data.name != "latents", "data.cache_decoded applies to image datasets (digits, tfds), not latents")
+    need = info.num_examples * int(np.prod(info.image_shape))
+    free = psutil.virtual_memory().available
+    _require(need <= free / 2, f"data.cache_decoded=True would hold {need / 2**30:.1f} GiB of decoded images, over "
+             f"half of the {free / 2**30:.1f} GiB free; set data.cache_decoded=False to read from disk")
 
 
 def _batch_parallelism(m: ml_collections.ConfigDict, num_devices: int) -> int:

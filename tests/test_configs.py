@@ -58,3 +58,15 @@ def test_unknown_key_and_wrong_type():
     config = base_config()
     with pytest.raises(TypeError):
         config.train.num_steps = "many"
+
+
+def test_decoded_cache_must_fit_in_memory(monkeypatch):
+    import psutil
+
+    config = load("default")
+    config.data.cache_decoded = True
+    validate(config, num_devices=1)  # 5,000 × 32×32 bytes: fits anywhere
+    free = type("Free", (), {"available": 4_000_000})()  # 4 MB free: under twice the 5.1 MB it needs
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    with pytest.raises(ConfigError, match="data.cache_decoded=True would hold"):
+        validate(config, num_devices=1)

@@ -91,6 +91,18 @@ def test_resume_from_saved_state_is_bitwise_identical(digits_dir):
     _assert_same(_take(resumed, 4), expected)
 
 
+@pytest.mark.parametrize("name, extra", [("digits", {}), ("tfds", {"tfds_name": "ditjax_digits", "image_size": 24})])
+def test_decoded_cache_serves_the_same_stream_and_resumes(digits_dir, name, extra):
+    """The in-memory copy changes where records come from, not what they are (centre crop included)."""
+    disk = _digits(digits_dir, name=name, random_flip=True, **extra)
+    cached = _digits(digits_dir, name=name, random_flip=True, cache_decoded=True, **extra)
+    it = make_train_iterator(cached, global_batch_size=32, seed=5)
+    _assert_same(_take(it, 2), _take(make_train_iterator(disk, global_batch_size=32, seed=5), 2))
+    resumed = make_train_iterator(cached, global_batch_size=32, seed=5)
+    resumed.set_state(it.get_state())
+    _assert_same(_take(resumed, 2), _take(it, 2))
+
+
 def test_random_flip_mirrors_about_half_of_the_digits(digits_dir):
     plain = _take(make_train_iterator(_digits(digits_dir), global_batch_size=128, seed=1), 3)
     flipped = _take(

@@ -1,7 +1,6 @@
 """Digit evaluator: Fréchet distance maths, the cached classifier, and the metrics on real and noise images."""
 from __future__ import annotations
 
-import os
 import shutil
 import time
 
@@ -12,8 +11,8 @@ import scipy.linalg
 from ditjax.eval import digits
 from ditjax.eval.frechet import frechet_distance, frechet_distance_from_stats
 
-# Fewer epochs than the default keeps the session under ~1 min; the accuracy bar below still holds.
-TEST_EPOCHS = 4
+# The default recipe, trained once per test run by the `classifier` fixture (tests/conftest.py).
+EPOCHS = digits.DEFAULT_EPOCHS
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -93,31 +92,6 @@ def test_load_real_digits_layout():
 # ----------------------------------------------------------------------------- classifier
 
 
-@pytest.fixture(scope="session")
-def cache_root(tmp_path_factory):
-    """One cache per test run, shared by all pytest-xdist workers (same run id, common base temp dir)."""
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run_id is None:
-        return tmp_path_factory.mktemp("ditjax_cache")
-    shared = tmp_path_factory.getbasetemp().parent / f"ditjax_cache_{run_id}"
-    shared.mkdir(exist_ok=True)
-    return shared
-
-
-@pytest.fixture(scope="session")
-def classifier(cache_root):
-    # Trained by whichever worker takes the lock first; the others load it from the cache: one fit per run.
-    import fcntl
-
-    start = time.perf_counter()
-    with open(cache_root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        clf = digits.load_digit_classifier(cache_root, epochs=TEST_EPOCHS)
-    print(f"\ntrained digit classifier ({TEST_EPOCHS} epochs) in {time.perf_counter() - start:.1f}s, "
-          f"held-out accuracy {clf.heldout_accuracy:.4f}, FD real halves {clf.frechet_distance_real_halves:.2f}")
-    return clf
-
-
 def test_classifier_heldout_accuracy(classifier):
     assert classifier.heldout_accuracy >= 0.97
 
@@ -176,7 +150,7 @@ def _cache_file(root):
 def test_cache_is_reused(classifier, cache_root, monkeypatch):
     _forbid_training(monkeypatch)
     start = time.perf_counter()
-    loaded = digits.load_digit_classifier(cache_root, epochs=TEST_EPOCHS)
+    loaded = digits.load_digit_classifier(cache_root, epochs=EPOCHS)
     assert time.perf_counter() - start < 10
     assert loaded.heldout_accuracy == classifier.heldout_accuracy
     assert loaded.frechet_distance_real_halves == classifier.frechet_distance_real_halves
@@ -184,7 +158,7 @@ def test_cache_is_reused(classifier, cache_root, monkeypatch):
     np.testing.assert_allclose(loaded.features(images[:64]), classifier.features(images[:64]), rtol=1e-5, atol=1e-5)
     # $DITJAX_CACHE_DIR is the default root.
     monkeypatch.setenv("DITJAX_CACHE_DIR", str(cache_root))
-    assert digits.load_digit_classifier(epochs=TEST_EPOCHS).heldout_accuracy == classifier.heldout_accuracy
+    assert digits.load_digit_classifier(epochs=EPOCHS).heldout_accuracy == classifier.heldout_accuracy
 
 
 def _truncate(path):
@@ -212,8 +186,8 @@ def test_corrupt_cache_is_rebuilt(classifier, cache_root, tmp_path, monkeypatch,
 
     monkeypatch.setattr(digits, "_build", fake_build)
     with pytest.warns(UserWarning, match="invalid"):
-        rebuilt = digits.load_digit_classifier(tmp_path, epochs=TEST_EPOCHS)
-    assert builds == [TEST_EPOCHS]
+        rebuilt = digits.load_digit_classifier(tmp_path, epochs=EPOCHS)
+    assert builds == [EPOCHS]
     assert rebuilt.heldout_accuracy == classifier.heldout_accuracy
     _forbid_training(monkeypatch)
-    digits.load_digit_classifier(tmp_path, epochs=TEST_EPOCHS)  # the rewritten file is valid
+    digits.load_digit_classifier(tmp_path, epochs=EPOCHS)  # the rewritten file is valid

@@ -22,6 +22,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         a digit); ADM/DiT use it for ImageNet. For latents it flips the latent's width axis.
       latent_path: directory written by `ditjax.data.latents.write_latents` (name='latents').
       latent_scale: multiplier applied to latents when reading (SD-VAE 0.18215, as DiT/REPA).
+      cache_decoded: digits/tfds: decode the whole split once into host memory and serve it from
+        there (small datasets only: validation refuses one that would take over half the free RAM).
       num_threads: grain reader threads; each prepares whole local batches.
       prefetch_batches: local batches buffered ahead of the trainer.
     """
@@ -34,6 +36,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.random_flip = False
     cfg.latent_path = ""
     cfg.latent_scale = 0.18215
+    cfg.cache_decoded = False
     cfg.num_threads = 2
     cfg.prefetch_batches = 2
     return cfg

@@ -120,7 +120,8 @@ def prepare_digits(data_dir: str = "") -> bool:
     os.makedirs(data_dir, exist_ok=True)
     with _exclusive(os.path.join(data_dir, f".{NAME}.lock")):
         builder = DitjaxDigits(data_dir=data_dir, file_format="array_record")
-        if builder.is_prepared():
+        # is_prepared() on a version dir that does not exist yet warns about a missing dataset_info.json.
+        if os.path.isdir(builder.data_dir) and builder.is_prepared():
             return False
         log.info("writing the bundled digits as array_record to %s (once)", builder.data_dir)
         # TFDS narrates a download that does not happen (progress bars, "Downloading…" prints): keep it quiet.

@@ -1,4 +1,8 @@
-"""python -m ditjax.eval --workdir DIR: score a run's EMA samples on the bundled digits → DIR/eval.json."""
+"""python -m ditjax.eval --workdir DIR: score a run's EMA samples on the bundled digits → DIR/eval.json.
+
+    python -m ditjax.eval --workdir runs/default [--samples 500] [--cfg-scale 2] [--sampler euler] [--steps 25]
+        [--seed 0] [--raw-weights]
+"""
 from __future__ import annotations
 
 import argparse
@@ -37,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     run_config = {**run_config, "sample": sample}
     graphdef, template, params = split_model(model)
     seed = run_config["seed"] if args.seed is None else args.seed
-    result = evaluate_digits(Path(args.workdir), run_config, graphdef, template, params, seed)
+    result = evaluate_digits(Path(args.workdir), run_config, graphdef, template, params, seed,
+                             weights="raw" if args.raw_weights else "ema")
     print(json.dumps({k: v for k, v in result.items() if k != "per_class_accuracy"}, indent=2))
+    print(f"wrote {Path(args.workdir) / 'eval.json'}")
     return 0
 
 

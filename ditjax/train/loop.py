@@ -87,8 +87,10 @@ def _sample_grid(workdir: Path, name: str, run_config: dict, graphdef, template,
     return path
 
 
-def evaluate_digits(workdir: Path, run_config: dict, graphdef, template, ema: dict, seed: int) -> dict:
-    """Class accuracy and Fréchet distance of EMA samples on the bundled digits → eval.json."""
+def evaluate_digits(workdir: Path, run_config: dict, graphdef, template, params: dict, seed: int,
+                    weights: str = "ema") -> dict:
+    """Class accuracy and Fréchet distance of samples on the bundled digits → eval.json, with the
+    settings that produced them (``weights`` names which parameters ``params`` are)."""
     from ditjax.eval.digits import evaluate_digit_samples
 
     s, m = run_config["sample"], run_config["model"]
@@ -97,9 +99,12 @@ def evaluate_digits(workdir: Path, run_config: dict, graphdef, template, ema: di
     noise = np.random.default_rng(seed + 1).standard_normal(
         (n, m["input_size"], m["input_size"], m["in_channels"])).astype(np.float32)
     t0 = time.perf_counter()
-    images = generate(graphdef, template, jax.device_get(ema), run_config, labels, noise, jax.random.PRNGKey(seed + 1))
+    images = generate(graphdef, template, jax.device_get(params), run_config, labels, noise,
+                      jax.random.PRNGKey(seed + 1))
     result = evaluate_digit_samples(images, labels)
-    result["sampling_seconds"] = time.perf_counter() - t0
+    result["seconds"] = time.perf_counter() - t0  # sampling, plus the classifier's fit if it was not cached
+    result["settings"] = {"weights": weights, "samples": n, "seed": seed,
+                          **{k: s[k] for k in ("sampler", "steps", "cfg_scale", "cfg_channels")}}
     result = {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()}) for k, v in result.items()}
     if jax.process_index() == 0:
         (workdir / "eval.json").write_text(json.dumps(result, indent=2))
