@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import importlib.util
+import logging
 import os
 
 XLA_CPU_DEFAULTS = {
@@ -45,6 +46,16 @@ def configure() -> None:
         _malloc_tuned = tune_glibc_malloc()
     if not os.environ.get("DITJAX_NO_XLA_DEFAULTS"):
         os.environ["XLA_FLAGS"] = with_xla_defaults(os.environ.get("XLA_FLAGS", ""))
+
+
+def start_cli() -> None:
+    """What every entry point does first: these defaults, then ditjax's console logging, and one line
+    saying what was applied (performance numbers are only comparable with it)."""
+    configure()
+    from ditjax.logs import setup_logging
+
+    setup_logging()
+    logging.getLogger("ditjax.runtime").info("runtime: %s", describe())
 
 
 def malloc_tuning_wanted() -> bool:

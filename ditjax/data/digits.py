@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ditjax.data.preprocess import decode_image
+from ditjax.data.preprocess import decode_records
 from ditjax.data.tfds_source import open_image_source, resolve_data_dir
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,4 @@ def load_digits_arrays(split: str = "train", data_dir: str = "") -> tuple[np.nda
     prepare_digits(data_dir)
     source = open_image_source(NAME, split, data_dir)
     records = sorted(source.__getitems__(range(len(source))), key=lambda r: int(r["index"]))
-    images = np.stack([decode_image(r["image"], 1, IMAGE_SIZE) for r in records])
-    labels = np.array([r["label"] for r in records], np.int32)
-    return images, labels
+    return decode_records(records, 1, IMAGE_SIZE)

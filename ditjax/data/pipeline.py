@@ -23,7 +23,7 @@ import numpy as np
 
 from ditjax.data import digits, latents
 from ditjax.data.config import DATASET_KINDS
-from ditjax.data.preprocess import decode_image, to_model_range
+from ditjax.data.preprocess import decode_image, decode_records, to_model_range
 from ditjax.data.tfds_source import image_dataset_meta, open_image_source
 
 Batch = dict[str, np.ndarray]
@@ -92,13 +92,13 @@ def _source_and_example_fn(data_cfg: ml_collections.ConfigDict) -> tuple[Sequenc
     source = open_image_source(name, data_cfg.split, data_cfg.data_dir)
     if data_cfg.cache_decoded:
         source = DecodedImages(source, meta.channels, size)
+        read_image = lambda record: record["image"]
+    else:
+        read_image = lambda record: decode_image(record["image"], meta.channels, size)
 
     def image_example(record: dict[str, Any], rng: np.random.Generator) -> Batch:
-        image = record["image"]
-        if not data_cfg.cache_decoded:
-            image = decode_image(image, meta.channels, size)
         flip = random_flip and rng.random() < 0.5
-        return {"image": to_model_range(image, flip), "label": np.int32(record["label"])}
+        return {"image": to_model_range(read_image(record), flip), "label": np.int32(record["label"])}
 
     return source, image_example
 
@@ -111,14 +111,8 @@ class DecodedImages(Sequence):
     preprocessing, same order as reading from disk.
     """
 
-    def __init__(self, source: Sequence[dict[str, Any]], channels: int, image_size: int, chunk: int = 1024):
-        n = len(source)
-        self.images = np.empty((n, image_size, image_size, channels), np.uint8)
-        self.labels = np.empty(n, np.int64)
-        for start in range(0, n, chunk):
-            for i, record in enumerate(source.__getitems__(range(start, min(start + chunk, n))), start):
-                self.images[i] = decode_image(record["image"], channels, image_size)
-                self.labels[i] = record["label"]
+    def __init__(self, source: Sequence[dict[str, Any]], channels: int, image_size: int):
+        self.images, self.labels = decode_records(source.__getitems__(range(len(source))), channels, image_size)
 
     def __len__(self) -> int:
         return len(self.labels)

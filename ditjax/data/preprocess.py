@@ -6,6 +6,8 @@ DiT trains on `center_crop_arr` (from ADM) -> RandomHorizontalFlip -> ToTensor -
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,6 +46,14 @@ def decode_image(encoded: bytes, channels: int, image_size: int) -> np.ndarray:
     if pil_image.size != (image_size, image_size):
         pil_image = center_crop_arr(pil_image, image_size)
     return np.asarray(pil_image, dtype=np.uint8).reshape(image_size, image_size, channels)
+
+
+def decode_records(records: Sequence[dict[str, Any]], channels: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Records {'image': encoded bytes, 'label': int} -> uint8 NHWC images and int32 labels, in order."""
+    images = np.empty((len(records), image_size, image_size, channels), np.uint8)
+    for i, record in enumerate(records):
+        images[i] = decode_image(record["image"], channels, image_size)
+    return images, np.array([r["label"] for r in records], np.int32)
 
 
 def to_model_range(image: np.ndarray, flip: bool) -> np.ndarray:

@@ -73,8 +73,8 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
     The means are mat-vecs with a 1/D vector rather than reductions: XLA:CPU rewrites a row
     reduction into a tree of slow reduce-windows, in the forward and the backward pass, while a
-    dot goes to oneDNN (6% of the default config's bf16 step). HIGHEST precision keeps them exact
-    float32 sums where a backend would otherwise use bf16 or TF32 passes for float32 dots.
+    dot goes to oneDNN (~5% of the default config's bf16 step, within run-to-run noise). HIGHEST
+    precision keeps them exact float32 sums where a backend would use bf16 or TF32 passes.
     """
     x32 = x.astype(jnp.float32)
     mean_vec = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], jnp.float32)

@@ -85,7 +85,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from ditjax import runtime
-    from ditjax.logs import setup_logging
-    runtime.configure()
-    setup_logging()
+    runtime.start_cli()
     sys.exit(main())

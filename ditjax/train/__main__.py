@@ -17,10 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> int:
     del argv
     from ditjax import runtime
-    runtime.configure()  # XLA:CPU flags and malloc reuse, before the backend starts
-    from ditjax.logs import setup_logging
-    setup_logging()
-    logging.getLogger("ditjax.train").info("runtime: %s", runtime.describe())
+    runtime.start_cli()  # XLA:CPU flags and malloc reuse before the backend starts, then logging
     from ditjax.parallel.multihost import initialize
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax
